@@ -1,0 +1,44 @@
+"""Command line: `python -m gateway serve|migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from gateway import config as gateway_config
+from gateway.logs import setup_logging
+from gateway.server import apply_migrations, serve, with_database
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the gateway")
+    serve_cmd.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    migrate_cmd = commands.add_parser("migrate", help="apply pending schema migrations")
+    migrate_cmd.add_argument("--target", type=int, default=None, help="stop after migration N")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = gateway_config.from_env()
+    except gateway_config.ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    if args.command == "serve":
+        if args.workers < 1:
+            print("gateway: --workers must be at least 1", file=sys.stderr)
+            return 2
+        return serve(config, args.workers)
+    config, _embedded = with_database(config)
+    applied = asyncio.run(apply_migrations(config, target=args.target))
+    print(f"applied migrations: {applied or 'none pending'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The application factory and the long-lived resources it owns.
+
+`create_app` does no I/O: it wires routes, the middleware and one `cleanup_ctx`
+generator per resource (database pool, upstream session, change listener), which
+aiohttp runs at startup and unwinds in reverse at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway import queries
+from gateway.appkeys import CACHE, CONFIG, LISTENER, POOL, UPSTREAM
+from gateway.cache import FactsCache
+from gateway.config import Config
+from gateway.database import create_pool, run_query
+from gateway.health import healthz, readyz
+from gateway.listener import ChangeListener
+from gateway.metrics import metrics_handler
+from gateway.middleware import gateway_middleware
+from gateway.proxy import proxy_handler
+from gateway.queries import ApiKey
+from gateway.rule import OrgFacts
+
+# aiohttp server settings the gateway relies on; `serve` and the tests both use them.
+RUNNER_KWARGS: dict[str, Any] = {
+    # A client that goes away cancels its handler, and so its upstream request.
+    "handler_cancellation": True,
+    # The middleware writes one structured line per request instead.
+    "access_log": None,
+}
+
+
+def create_app(config: Config) -> web.Application:
+    """Build the gateway application for `config` (whose database_url must be set)."""
+    if config.database_url is None:
+        raise ValueError("create_app needs config.database_url; start the database first")
+    app = web.Application(middlewares=[gateway_middleware], client_max_size=config.max_body_bytes)
+    app[CONFIG] = config
+    app[CACHE] = build_cache(app, config)
+    app[LISTENER] = ChangeListener(
+        config.database_url, on_change=app[CACHE].apply_change, on_reset=app[CACHE].clear
+    )
+    app.cleanup_ctx.extend([database_pool, upstream_session, change_listener])
+    setup_routes(app)
+    return app
+
+
+def setup_routes(app: web.Application) -> None:
+    """Attach every endpoint."""
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_route("*", "/api/openrouter/{path:.*}", proxy_handler)
+
+
+def build_cache(app: web.Application, config: Config) -> FactsCache:
+    """The facts cache, loading through the pool the `database_pool` context opens."""
+    timeout = config.database_query_timeout_seconds
+
+    async def load_key(key_hash: str) -> ApiKey | None:
+        return await run_query(app[POOL], timeout, queries.fetch_api_key, key_hash)
+
+    async def load_role(org_and_user: tuple[str, str]) -> str | None:
+        return await run_query(app[POOL], timeout, queries.fetch_role, *org_and_user)
+
+    async def load_user_orgs(user_id: str) -> tuple[str, ...]:
+        return await run_query(app[POOL], timeout, queries.fetch_user_organizations, user_id)
+
+    async def load_facts(organization_id: str) -> OrgFacts | None:
+        return await run_query(app[POOL], timeout, queries.fetch_org_facts, organization_id)
+
+    return FactsCache(
+        load_key=load_key,
+        load_role=load_role,
+        load_user_orgs=load_user_orgs,
+        load_facts=load_facts,
+        ttl_seconds=config.entitlement_cache_ttl_seconds,
+        negative_ttl_seconds=config.negative_cache_ttl_seconds,
+    )
+
+
+async def database_pool(app: web.Application) -> AsyncIterator[None]:
+    """The asyncpg pool every query borrows from."""
+    config = app[CONFIG]
+    assert config.database_url is not None
+    app[POOL] = await create_pool(
+        config.database_url,
+        min_size=config.database_pool_min_size,
+        max_size=config.database_pool_max_size,
+        query_timeout_seconds=config.database_query_timeout_seconds,
+    )
+    yield
+    await app[POOL].close()
+
+
+async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+    """One pooled client session to OpenRouter for the whole process."""
+    config = app[CONFIG]
+    app[UPSTREAM] = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        # Bytes pass through as the upstream sent them, compressed or not.
+        auto_decompress=False,
+        # Nothing from one user's upstream response may ride along on another's request.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # The client's User-Agent passes through; aiohttp's own is not added.
+        skip_auto_headers=("User-Agent",),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=10, sock_read=config.upstream_idle_timeout_seconds
+        ),
+    )
+    yield
+    await app[UPSTREAM].close()
+
+
+async def change_listener(app: web.Application) -> AsyncIterator[None]:
+    """The LISTEN task that evicts cached facts when the database says they changed."""
+    task = asyncio.create_task(app[LISTENER].run(), name="change-listener")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,20 @@
+"""Typed keys for what the application holds (`app[KEY]`) and each request carries."""
+
+from __future__ import annotations
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from gateway.cache import FactsCache
+from gateway.config import Config
+from gateway.context import RequestContext
+from gateway.listener import ChangeListener
+
+CONFIG = web.AppKey("config", Config)
+POOL = web.AppKey("pool", asyncpg.Pool)
+CACHE = web.AppKey("cache", FactsCache)
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+LISTENER = web.AppKey("listener", ChangeListener)
+
+CONTEXT = web.RequestKey("context", RequestContext)

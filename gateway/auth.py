@@ -1,0 +1,106 @@
+"""Who is calling, and for which organization: bearer token → key → user → organization.
+
+Tokens are never stored or compared in clear: the key is found by the SHA-256 of the
+whole token, which is what `api_keys.key_hash` holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import uuid
+
+from multidict import CIMultiDictProxy
+
+from gateway.cache import MISSING, FactsCache
+from gateway.errors import BadRequest, Forbidden, InvalidApiKey
+from gateway.queries import ApiKey
+
+ORGANIZATION_HEADER = "X-KiloCode-OrganizationId"
+BILLING_MANAGER = "billing_manager"
+# Longer than any token we issue; bounds the work a hostile header can cause.
+MAX_TOKEN_LENGTH = 512
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated user acting for an organization they are a member of."""
+
+    user_id: str
+    organization_id: str
+    role: str
+
+
+def hash_token(token: str) -> str:
+    """The lowercase hex SHA-256 of the whole bearer token, as stored in `key_hash`."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def bearer_token(headers: CIMultiDictProxy[str]) -> str:
+    """The token of `Authorization: Bearer <token>`, or 401."""
+    header = headers.get("Authorization")
+    if header is None:
+        raise InvalidApiKey("Missing API key: send it as 'Authorization: Bearer <key>'.")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise InvalidApiKey("Malformed Authorization header: expected 'Bearer <key>'.")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidApiKey("Invalid API key.")
+    return token
+
+
+async def authenticate(headers: CIMultiDictProxy[str], cache: FactsCache) -> ApiKey:
+    """The live API key presented in the headers, or 401."""
+    key_hash = hash_token(bearer_token(headers))
+    key = cache.keys.cached(key_hash)
+    if key is MISSING:
+        key = await cache.keys.load(key_hash)
+    if key is None:
+        raise InvalidApiKey("Invalid or revoked API key.")
+    return key
+
+
+def parse_organization_id(value: str) -> str:
+    """The canonical form of an organization id from a header, or 400."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise BadRequest(
+            f"The {ORGANIZATION_HEADER} header must be an organization id (a UUID).",
+            reason="invalid_organization_id",
+        ) from None
+
+
+async def resolve_organization(
+    headers: CIMultiDictProxy[str], key: ApiKey, cache: FactsCache
+) -> str:
+    """The organization the request is for: header, else the key's, else the user's only one."""
+    header = headers.get(ORGANIZATION_HEADER)
+    if header is not None and header.strip():
+        organization_id = parse_organization_id(header.strip())
+        if key.organization_id is not None and key.organization_id != organization_id:
+            raise Forbidden("This API key belongs to another organization.", reason="not_a_member")
+        return organization_id
+    if key.organization_id is not None:
+        return key.organization_id
+    organizations = await cache.user_orgs.get(key.user_id) or ()
+    if len(organizations) == 1:
+        return organizations[0]
+    raise BadRequest(
+        f"Say which organization this request is for with the {ORGANIZATION_HEADER} header.",
+        reason="organization_required",
+    )
+
+
+async def authorize(headers: CIMultiDictProxy[str], key: ApiKey, cache: FactsCache) -> Caller:
+    """The caller as a member of the request's organization, or 400/403."""
+    organization_id = await resolve_organization(headers, key, cache)
+    role_key = (organization_id, key.user_id)
+    role = cache.roles.cached(role_key)
+    if role is MISSING:
+        role = await cache.roles.load(role_key)
+    if role is None or role == BILLING_MANAGER:
+        # Billing managers pay for an organization; they do not use its models.
+        raise Forbidden("You are not a member of this organization.", reason="not_a_member")
+    return Caller(key.user_id, organization_id, role)

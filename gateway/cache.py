@@ -1,0 +1,164 @@
+"""TTL caches of the facts the proxy path needs, with one query per concurrent miss.
+
+What is cached: API keys by hash, a user's role in an organization, a user's
+organizations, and each organization's entitlement facts (never verdicts: the rule runs
+on every request against the current time). Entries live `ENTITLEMENT_CACHE_TTL_SECONDS`;
+a NOTIFY evicts what it names sooner (see `listener.py`). Unknown tokens are remembered
+for `NEGATIVE_CACHE_TTL_SECONDS` so a flood of bad keys cannot flood PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+from cachetools import TTLCache
+
+from gateway.queries import ApiKey
+from gateway.rule import OrgFacts
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+MISSING: Any = object()
+DEFAULT_MAXSIZE = 100_000
+
+
+class Lookup(Generic[K, V]):
+    """A TTL cache in front of one loader; concurrent misses for one key share one load.
+
+    `None` from the loader means "does not exist" and is kept for `negative_ttl_seconds`.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[K], Awaitable[V | None]],
+        *,
+        ttl_seconds: float,
+        negative_ttl_seconds: float | None = None,
+        maxsize: int = DEFAULT_MAXSIZE,
+    ) -> None:
+        self._load = load
+        self._found: TTLCache[K, V] = TTLCache(maxsize, ttl_seconds)
+        self._absent: TTLCache[K, bool] = TTLCache(maxsize, negative_ttl_seconds or ttl_seconds)
+        self._inflight: dict[K, asyncio.Future[V | None]] = {}
+        # Bumped by every eviction: a load that started before it may have read the old
+        # row, so its answer is handed to its waiters but not kept.
+        self._generation = 0
+
+    def cached(self, key: K) -> V | None:
+        """The cached value, None when cached as absent, or `MISSING` when not cached."""
+        value = self._found.get(key, MISSING)
+        if value is not MISSING:
+            return value
+        if key in self._absent:
+            return None
+        return MISSING
+
+    async def get(self, key: K) -> V | None:
+        """The value for `key`, from the cache or loaded once for all concurrent callers."""
+        value = self.cached(key)
+        if value is not MISSING:
+            return value
+        return await self.load(key)
+
+    async def load(self, key: K) -> V | None:
+        """Load `key`, joining a load already in flight for it."""
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        generation = self._generation
+        try:
+            value = await self._load(key)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it; none is an unhandled error
+            raise
+        else:
+            future.set_result(value)
+            if generation == self._generation:
+                self._store(key, value)
+            return value
+        finally:
+            del self._inflight[key]
+
+    def _store(self, key: K, value: V | None) -> None:
+        if value is None:
+            self._absent[key] = True
+        else:
+            self._found[key] = value
+
+    def evict(self, key: K) -> None:
+        """Forget `key`, found or absent."""
+        self._generation += 1
+        self._found.pop(key, None)
+        self._absent.pop(key, None)
+
+    def evict_where(self, predicate: Callable[[K, V], bool]) -> None:
+        """Forget every found entry for which `predicate(key, value)` holds."""
+        self._generation += 1
+        for key in [k for k, v in list(self._found.items()) if predicate(k, v)]:
+            self._found.pop(key, None)
+
+    def forget_absent(self) -> None:
+        """Forget every "does not exist" entry (something was just created)."""
+        self._generation += 1
+        self._absent.clear()
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._generation += 1
+        self._found.clear()
+        self._absent.clear()
+
+    def __len__(self) -> int:
+        return len(self._found) + len(self._absent)
+
+
+class FactsCache:
+    """The four lookups of the proxy path, and how a change notification evicts them."""
+
+    def __init__(
+        self,
+        *,
+        load_key: Callable[[str], Awaitable[ApiKey | None]],
+        load_role: Callable[[tuple[str, str]], Awaitable[str | None]],
+        load_user_orgs: Callable[[str], Awaitable[tuple[str, ...] | None]],
+        load_facts: Callable[[str], Awaitable[OrgFacts | None]],
+        ttl_seconds: float,
+        negative_ttl_seconds: float,
+    ) -> None:
+        self.keys: Lookup[str, ApiKey] = Lookup(
+            load_key, ttl_seconds=ttl_seconds, negative_ttl_seconds=negative_ttl_seconds
+        )
+        self.roles: Lookup[tuple[str, str], str] = Lookup(load_role, ttl_seconds=ttl_seconds)
+        self.user_orgs: Lookup[str, tuple[str, ...]] = Lookup(
+            load_user_orgs, ttl_seconds=ttl_seconds
+        )
+        self.facts: Lookup[str, OrgFacts] = Lookup(load_facts, ttl_seconds=ttl_seconds)
+
+    def apply_change(self, change: dict[str, Any]) -> None:
+        """Evict what a `gateway_changes` notification names; clear all when unsure."""
+        table = change.get("table")
+        org = change.get("organization_id")
+        user = change.get("user_id")
+        if table == "api_keys" and change.get("key_id"):
+            key_id = change["key_id"]
+            self.keys.evict_where(lambda _hash, key: key.id == key_id)
+            self.keys.forget_absent()
+        elif table == "organization_memberships" and org and user:
+            self.facts.evict(org)
+            self.roles.evict((org, user))
+            self.user_orgs.evict(user)
+        elif table in ("organizations", "organization_seats_purchases") and org:
+            self.facts.evict(org)
+        else:
+            self.clear()
+
+    def clear(self) -> None:
+        """Forget everything (notifications may have been missed)."""
+        for lookup in (self.keys, self.roles, self.user_orgs, self.facts):
+            lookup.clear()

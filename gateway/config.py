@@ -1,0 +1,173 @@
+"""Configuration: built once at start from the environment over `config/defaults.toml`.
+
+Every setting is an environment variable; the file only supplies defaults. A bad value
+fails at start with a `ConfigError` that names the variable, never later on a request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from yarl import URL
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS_FILE = PROJECT_ROOT / "config" / "defaults.toml"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class EnforcementMode(StrEnum):
+    ENFORCE = "enforce"  # refuse blocked organizations with 402
+    SHADOW = "shadow"  # let them through, flag with X-Gateway-Would-Block and count
+    OFF = "off"  # no entitlement checks at all (keys and membership still checked)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the gateway needs to know, validated; passed to `create_app`."""
+
+    database_url: str | None
+    openrouter_base_url: str  # no trailing slash
+    openrouter_api_key: str = dataclasses.field(repr=False)
+    host: str
+    port: int
+    app_url: str
+    trial_days: int
+    entitlement_cache_ttl_seconds: float
+    negative_cache_ttl_seconds: float
+    enforcement_mode: EnforcementMode
+    log_level: str
+    upstream_timeout_seconds: float
+    upstream_idle_timeout_seconds: float
+    max_body_bytes: int
+    database_pool_min_size: int
+    database_pool_max_size: int
+    database_query_timeout_seconds: float
+    auto_migrate: bool
+    shutdown_timeout_seconds: float
+    embedded_data_dir: Path
+    enterprise_organization_ids: tuple[str, ...] = ()
+
+
+def load_defaults(path: Path | None = None) -> dict[str, Any]:
+    """Read the defaults file (`GATEWAY_CONFIG_FILE` or `config/defaults.toml`)."""
+    with (path or DEFAULTS_FILE).open("rb") as f:
+        return tomllib.load(f)
+
+
+def from_env(env: Mapping[str, str] | None = None, defaults_path: Path | None = None) -> Config:
+    """Build the configuration from `env` (default: the process environment)."""
+    env = os.environ if env is None else env
+    defaults_path = defaults_path or (
+        Path(env["GATEWAY_CONFIG_FILE"]) if env.get("GATEWAY_CONFIG_FILE") else None
+    )
+    file = load_defaults(defaults_path)
+    reader = _Reader(env, file.get("env", {}))
+    return Config(
+        database_url=reader.optional_str("DATABASE_URL"),
+        openrouter_base_url=str(reader.http_url("OPENROUTER_BASE_URL")).rstrip("/"),
+        openrouter_api_key=reader.required_str("OPENROUTER_API_KEY"),
+        host=reader.required_str("GATEWAY_HOST"),
+        port=reader.int("GATEWAY_PORT", low=0, high=65535),
+        app_url=str(reader.http_url("APP_URL")).rstrip("/"),
+        trial_days=reader.int("TRIAL_DAYS", low=0, high=3650),
+        entitlement_cache_ttl_seconds=reader.float("ENTITLEMENT_CACHE_TTL_SECONDS", low=0.001),
+        negative_cache_ttl_seconds=reader.float("NEGATIVE_CACHE_TTL_SECONDS", low=0.001),
+        enforcement_mode=reader.choice("ENFORCEMENT_MODE", EnforcementMode),
+        log_level=reader.one_of("LOG_LEVEL", LOG_LEVELS),
+        upstream_timeout_seconds=reader.float("UPSTREAM_TIMEOUT_SECONDS", low=0.001),
+        upstream_idle_timeout_seconds=reader.float("UPSTREAM_IDLE_TIMEOUT_SECONDS", low=0.001),
+        max_body_bytes=reader.int("MAX_BODY_BYTES", low=1024, high=1 << 31),
+        database_pool_min_size=reader.int("DATABASE_POOL_MIN_SIZE", low=0, high=1000),
+        database_pool_max_size=reader.int("DATABASE_POOL_MAX_SIZE", low=1, high=1000),
+        database_query_timeout_seconds=reader.float("DATABASE_QUERY_TIMEOUT_SECONDS", low=0.01),
+        auto_migrate=reader.bool("AUTO_MIGRATE"),
+        shutdown_timeout_seconds=reader.float("SHUTDOWN_TIMEOUT_SECONDS", low=0),
+        embedded_data_dir=Path(reader.required_str("EMBEDDED_DATA_DIR")),
+        enterprise_organization_ids=tuple(
+            str(i) for i in file.get("migrations", {}).get("enterprise_organization_ids", [])
+        ),
+    )
+
+
+class _Reader:
+    """Reads one variable at a time from the environment, falling back to the file."""
+
+    def __init__(self, env: Mapping[str, str], defaults: Mapping[str, Any]) -> None:
+        self._env = env
+        self._defaults = defaults
+
+    def _raw(self, name: str) -> str | None:
+        value = self._env.get(name)
+        if value is not None and value.strip() != "":
+            return value.strip()
+        default = self._defaults.get(name)
+        if default is None:
+            return None
+        if isinstance(default, bool):
+            return "true" if default else "false"
+        return str(default)
+
+    def optional_str(self, name: str) -> str | None:
+        return self._raw(name)
+
+    def required_str(self, name: str) -> str:
+        value = self._raw(name)
+        if value is None:
+            raise ConfigError(f"{name} is required but not set")
+        return value
+
+    def int(self, name: str, *, low: int, high: int) -> int:
+        raw = self.required_str(name)
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    def float(self, name: str, *, low: float) -> float:
+        raw = self.required_str(name)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not value >= low:
+            raise ConfigError(f"{name} must be at least {low}, got {raw}")
+        return value
+
+    def bool(self, name: str) -> bool:
+        raw = self.required_str(name).lower()
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+    def one_of(self, name: str, choices: tuple[str, ...]) -> str:
+        raw = self.required_str(name).lower()
+        if raw not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        return raw
+
+    def choice(self, name: str, enum: type[EnforcementMode]) -> EnforcementMode:
+        return enum(self.one_of(name, tuple(m.value for m in enum)))
+
+    def http_url(self, name: str) -> URL:
+        raw = self.required_str(name)
+        url = URL(raw)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigError(f"{name} must be an http(s) URL with a host, got {raw!r}")
+        return url

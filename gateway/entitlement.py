@@ -1,0 +1,105 @@
+"""Apply the rule to a request: the verdict, the enforcement mode, and the 402 it may cost.
+
+`rule.decide` says whether the organization may use the proxy; this module turns a
+refusal into the 402 the Kilo Code extension shows in its payment dialog.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+
+from gateway.config import EnforcementMode
+from gateway.errors import PaymentRequired
+from gateway.rule import OrgFacts, Reason, Verdict, decide
+
+MICRODOLLARS_PER_USD = 1_000_000
+
+_TITLES = {
+    Reason.TRIAL_EXPIRED: "Your free trial has ended",
+    Reason.SUBSCRIPTION_INACTIVE: "Your subscription is not active",
+    Reason.SEATS_EXCEEDED: "Your organization needs more seats",
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """What to do with a request: forward it, and the reason it would have been refused."""
+
+    verdict: Verdict
+    would_block: Reason | None
+
+
+def iso_utc(unix_seconds: float) -> str:
+    """A UNIX time as an ISO 8601 UTC timestamp with a Z."""
+    return datetime.fromtimestamp(unix_seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def balance_usd(facts: OrgFacts) -> float:
+    """The organization's credit balance in USD."""
+    return facts.balance_microdollars / MICRODOLLARS_PER_USD
+
+
+def billing_url(app_url: str, organization_id: str) -> str:
+    """Where an owner buys a plan, seats or credits for the organization."""
+    return f"{app_url}/organizations/{organization_id}/billing"
+
+
+def check(
+    facts: OrgFacts, now: float, *, trial_days: int, mode: EnforcementMode, app_url: str
+) -> Outcome:
+    """Judge the organization now; in enforce mode a refusal raises `PaymentRequired`."""
+    verdict = decide(facts, now, trial_days)
+    if verdict.allowed:
+        return Outcome(verdict, None)
+    assert verdict.reason is not None
+    if mode is EnforcementMode.ENFORCE:
+        raise payment_required(facts, verdict, app_url)
+    return Outcome(verdict, verdict.reason)
+
+
+def payment_required(facts: OrgFacts, verdict: Verdict, app_url: str) -> PaymentRequired:
+    """The 402 for a refused organization, with what the payment dialog reads."""
+    assert verdict.reason is not None
+    balance = balance_usd(facts)
+    seats_purchased = facts.purchase.seat_count if facts.purchase is not None else 0
+    return PaymentRequired(
+        refusal_message(facts, verdict, balance),
+        reason=verdict.reason.value,
+        fields={
+            "title": _TITLES[verdict.reason],
+            "balance": balance,
+            "buyCreditsUrl": billing_url(app_url, facts.organization_id),
+        },
+        metadata={
+            "organization_id": facts.organization_id,
+            "trial_ends_at": iso_utc(verdict.trial_ends_at),
+            "seats_used": facts.seats_used,
+            "seats_purchased": seats_purchased,
+        },
+    )
+
+
+def refusal_message(facts: OrgFacts, verdict: Verdict, balance: float) -> str:
+    """Say plainly what happened and what to do about it."""
+    locked = (
+        f" Your ${balance:,.2f} of purchased credits stay locked until you do."
+        if balance > 0
+        else ""
+    )
+    if verdict.reason is Reason.TRIAL_EXPIRED:
+        ended = iso_utc(verdict.trial_ends_at)[:10]
+        return (
+            f"Your organization's free trial ended on {ended}. An owner can subscribe to an"
+            f" annual plan on the billing page to keep using Kilo Code.{locked}"
+        )
+    if verdict.reason is Reason.SUBSCRIPTION_INACTIVE:
+        return (
+            "Your organization's subscription has ended or is not active yet. An owner can"
+            f" renew it on the billing page to keep using Kilo Code.{locked}"
+        )
+    purchased = facts.purchase.seat_count if facts.purchase is not None else 0
+    return (
+        f"Your organization has {facts.seats_used} members but pays for {purchased} seats."
+        " An owner can buy more seats on the billing page, or remove members."
+    )

@@ -1,0 +1,140 @@
+"""The gateway's errors, and the one JSON envelope every refusal is sent in.
+
+    GatewayError                      any refusal the gateway makes itself
+    ├── BadRequest (400)              organization_required, invalid_organization_id, invalid_path,
+    │                                 invalid_request
+    ├── InvalidApiKey (401)           invalid_api_key
+    ├── Forbidden (403)               not_a_member
+    ├── NotFound (404)                not_found
+    ├── MethodNotAllowed (405)        method_not_allowed
+    ├── PaymentRequired (402)         trial_expired, subscription_inactive, seats_exceeded
+    ├── PayloadTooLarge (413)         payload_too_large
+    ├── UpstreamUnreachable (502)     upstream_unreachable
+    ├── UpstreamPaymentRequired (503) upstream_payment_required
+    ├── DatabaseUnavailable (503)     database_unavailable
+    ├── UpstreamTimeout (504)         upstream_timeout
+    └── InternalError (500)           internal_error
+
+The envelope is shaped like OpenRouter's own errors so the Kilo Code extension shows
+it as it shows theirs:
+
+    {"error": {"code": 402, "message": "...", "metadata": {"reason": "...", ...}},
+     "error_type": "<reason>"}
+
+Third-party exceptions become these in exactly two places: `database.py` for asyncpg
+and `proxy.py` for the upstream client; `middleware.py` maps the tree to HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    """A refusal with an HTTP status, a machine-readable reason and a human message."""
+
+    status: int = 500
+    default_reason: ClassVar[str] = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        fields: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = metadata or {}
+        # Extra keys that go inside "error" beside code and message (the 402 dialog's).
+        self.fields = fields or {}
+        self.headers = headers or {}
+
+    def envelope(self) -> dict[str, Any]:
+        """The JSON body sent to the client."""
+        return error_envelope(self.status, self.reason, self.message, self.metadata, self.fields)
+
+    def body(self) -> bytes:
+        """The envelope, encoded."""
+        return json.dumps(self.envelope(), separators=(",", ":")).encode()
+
+
+def error_envelope(
+    status: int,
+    reason: str,
+    message: str,
+    metadata: dict[str, Any] | None = None,
+    fields: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build the one error envelope; used for every refusal, ours or aiohttp's."""
+    error: dict[str, Any] = {"code": status, "message": message}
+    error.update(fields or {})
+    error["metadata"] = {"reason": reason, **(metadata or {})}
+    return {"error": error, "error_type": reason}
+
+
+class BadRequest(GatewayError):
+    status = 400
+    default_reason = "invalid_request"
+
+
+class InvalidApiKey(GatewayError):
+    status = 401
+    default_reason = "invalid_api_key"
+
+
+class PaymentRequired(GatewayError):
+    status = 402
+    default_reason = "payment_required"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    default_reason = "not_a_member"
+
+
+class NotFound(GatewayError):
+    status = 404
+    default_reason = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    default_reason = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    default_reason = "payload_too_large"
+
+
+class InternalError(GatewayError):
+    status = 500
+    default_reason = "internal_error"
+
+
+class UpstreamUnreachable(GatewayError):
+    status = 502
+    default_reason = "upstream_unreachable"
+
+
+class UpstreamPaymentRequired(GatewayError):
+    status = 503
+    default_reason = "upstream_payment_required"
+
+
+class DatabaseUnavailable(GatewayError):
+    status = 503
+    default_reason = "database_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    default_reason = "upstream_timeout"

@@ -1,0 +1,70 @@
+"""Prometheus metrics, as module constants, and the `/metrics` endpoint.
+
+Labels are bounded sets: route templates, methods, statuses, reasons. They never carry
+keys, organization ids or raw paths.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+# Proxy overhead is sub-millisecond; upstream calls take seconds.
+_DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+REQUESTS = Counter(
+    "gateway_requests_total", "Requests answered, by route template.", ["route", "method", "status"]
+)
+BLOCKED = Counter(
+    "gateway_blocked_total",
+    "Requests the entitlement rule refused (mode=enforce) or would refuse (mode=shadow).",
+    ["reason", "mode"],
+)
+REQUEST_DURATION = Histogram(
+    "gateway_request_duration_seconds",
+    "Time from request to the last byte of the response.",
+    buckets=_DURATION_BUCKETS,
+)
+UPSTREAM_TTFB = Histogram(
+    "gateway_upstream_ttfb_seconds",
+    "Time from forwarding a request to the upstream's response headers.",
+    buckets=_DURATION_BUCKETS,
+)
+ENTITLEMENT_CACHE = Counter(
+    "gateway_entitlement_cache_total",
+    "Organization entitlement fact lookups, by result (hit or miss).",
+    ["result"],
+)
+ACTIVE_STREAMS = Gauge("gateway_active_streams", "Upstream responses being relayed right now.")
+
+CACHE_HIT = ENTITLEMENT_CACHE.labels(result="hit")
+CACHE_MISS = ENTITLEMENT_CACHE.labels(result="miss")
+
+# labels() costs a lock and a dict lookup; requests reuse the children they made.
+_request_children: dict[tuple[str, str, int], Counter] = {}
+
+
+def count_request(route: str, method: str, status: int) -> None:
+    """Count one answered request."""
+    key = (route, method, status)
+    child = _request_children.get(key)
+    if child is None:
+        child = _request_children[key] = REQUESTS.labels(route, method, str(status))
+    child.inc()
+
+
+async def metrics_handler(_request: web.Request) -> web.Response:
+    """Serve every metric in the Prometheus text format."""
+    response = web.Response(body=generate_latest(REGISTRY))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response

@@ -1,0 +1,101 @@
+"""The one middleware every request passes: id, error envelope, log line, metrics.
+
+This is the only place that turns errors into HTTP: `GatewayError` becomes its envelope,
+aiohttp's own HTTP errors (404, 405, 413) get the same envelope, and anything unexpected
+becomes a 500 whose body says nothing of the internals (the log has the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from gateway import metrics
+from gateway.appkeys import CONTEXT
+from gateway.context import RequestContext
+from gateway.errors import (
+    GatewayError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+)
+from gateway.logs import log_request
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID_HEADER = "X-Request-Id"
+log = structlog.get_logger("gateway.middleware")
+
+_HTTP_ERRORS: dict[int, GatewayError] = {
+    404: NotFound("No such endpoint."),
+    405: MethodNotAllowed("This endpoint does not accept that method."),
+    413: PayloadTooLarge("The request body is larger than the gateway accepts."),
+}
+
+
+def new_request_id() -> str:
+    """A unique id for the request, sent back as X-Request-Id."""
+    return "req_" + os.urandom(12).hex()
+
+
+def route_of(request: web.Request) -> str:
+    """The route template the request matched: a bounded label, never a raw path."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give the request an id and context; answer errors with the envelope; log and count."""
+    started = time.perf_counter()
+    ctx = RequestContext(new_request_id(), route_of(request))
+    request[CONTEXT] = ctx
+    status = 500
+    try:
+        response = await _handle(request, handler, ctx)
+        status = response.status
+        return response
+    finally:
+        duration = time.perf_counter() - started
+        metrics.count_request(ctx.route, request.method, status)
+        metrics.REQUEST_DURATION.observe(duration)
+        log_request(ctx, method=request.method, status=status, duration_seconds=duration)
+
+
+async def _handle(
+    request: web.Request, handler: Handler, ctx: RequestContext
+) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except GatewayError as exc:
+        response = error_response(exc, ctx)
+    except web.HTTPException as exc:
+        response = error_response(_from_aiohttp(exc), ctx)
+    except Exception:
+        log.exception("unhandled_error", request_id=ctx.request_id, route=ctx.route)
+        response = error_response(InternalError("The gateway failed; this is our fault."), ctx)
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = ctx.request_id
+    return response
+
+
+def error_response(exc: GatewayError, ctx: RequestContext) -> web.Response:
+    """The JSON envelope for `exc`, with its headers; notes the reason for the log line."""
+    ctx.reason = ctx.reason or exc.reason
+    return web.Response(
+        status=exc.status, body=exc.body(), content_type="application/json", headers=exc.headers
+    )
+
+
+def _from_aiohttp(exc: web.HTTPException) -> GatewayError:
+    """aiohttp's own refusals (no route, wrong method, body too large) as ours."""
+    known = _HTTP_ERRORS.get(exc.status)
+    if known is not None:
+        return known
+    return GatewayError(
+        exc.reason or "Request refused.", reason=f"http_{exc.status}", status=exc.status
+    )

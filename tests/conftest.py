@@ -1,0 +1,215 @@
+"""Fixtures that compose: a PostgreSQL server, a fresh database per test, the fake
+OpenRouter, a configuration, and a gateway serving on a real port.
+
+The database is the embedded PostgreSQL from `pgserver`, or the server named by
+`TEST_DATABASE_URL`. Each test gets its own database, cloned from a migrated template.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from bench.fake_upstream import RunningUpstream, start_upstream
+from gateway import config as gateway_config
+from gateway.app import RUNNER_KWARGS, create_app
+from gateway.logs import setup_logging
+from gateway.migrations import migrate
+from tests.factories import Seed
+
+TEMPLATE_DB = "gateway_test_template"
+UPSTREAM_TEST_KEY = "sk-or-v1-test-upstream-key-never-shown-0123456789"
+
+
+def database_url(server_url: str, name: str) -> str:
+    """The URL of database `name` on the server `server_url` points at."""
+    url = URL(server_url)
+    # with_path drops the query, which holds the socket directory for pgserver.
+    return str(url.with_path("/" + name).with_query(url.query))
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """A running PostgreSQL server: TEST_DATABASE_URL's, or an embedded one for the session."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield os.environ["TEST_DATABASE_URL"]
+        return
+    import pgserver
+
+    data_dir = tempfile.mkdtemp(prefix="gw-pg-")
+    server = pgserver.get_server(data_dir, cleanup_mode="delete")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_server_url: str) -> str:
+    """A database with every migration applied, cloned by each test."""
+
+    async def build() -> None:
+        admin = await asyncpg.connect(pg_server_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+            await admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(database_url(pg_server_url, TEMPLATE_DB))
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(build())
+    return TEMPLATE_DB
+
+
+@pytest.fixture
+async def empty_database_url(pg_server_url: str) -> AsyncIterator[str]:
+    """A new database with no tables at all (for migration tests)."""
+    async with _scratch_database(pg_server_url, template=None) as url:
+        yield url
+
+
+@pytest.fixture
+async def db_url(pg_server_url: str, template_database: str) -> AsyncIterator[str]:
+    """A new, fully migrated database for this test alone."""
+    async with _scratch_database(pg_server_url, template=template_database) as url:
+        yield url
+
+
+class _scratch_database:
+    """Create a uniquely named database on entry, drop it on exit."""
+
+    def __init__(self, server_url: str, template: str | None) -> None:
+        self._server_url = server_url
+        self._template = template
+        self._name = f"gw_test_{uuid.uuid4().hex[:12]}"
+
+    async def __aenter__(self) -> str:
+        template = f' TEMPLATE "{self._template}"' if self._template else ""
+        await self._admin(f'CREATE DATABASE "{self._name}"{template}')
+        return database_url(self._server_url, self._name)
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self._admin(f'DROP DATABASE IF EXISTS "{self._name}" WITH (FORCE)')
+
+    async def _admin(self, sql: str) -> None:
+        conn = await asyncpg.connect(self._server_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to this test's database, for arranging and inspecting rows."""
+    conn = await asyncpg.connect(db_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def seed(db: asyncpg.Connection) -> Seed:
+    """Helpers that write users, organizations, keys and purchases."""
+    return Seed(db)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[RunningUpstream]:
+    """The fake OpenRouter, on a real port."""
+    running = await start_upstream()
+    yield running
+    await running.close()
+
+
+@pytest.fixture
+def log_stream() -> io.StringIO:
+    """Everything the gateway logs during the test, as JSON lines."""
+    stream = io.StringIO()
+    setup_logging("debug", stream)
+    return stream
+
+
+@pytest.fixture
+def make_config(db_url: str, upstream: RunningUpstream) -> Callable[..., gateway_config.Config]:
+    """Build a configuration for this test's database and upstream; keywords override env."""
+
+    def make(**env: Any) -> gateway_config.Config:
+        values = {
+            "DATABASE_URL": db_url,
+            "OPENROUTER_BASE_URL": upstream.url,
+            "OPENROUTER_API_KEY": UPSTREAM_TEST_KEY,
+            "APP_URL": "https://app.example.test",
+            "GATEWAY_PORT": "0",
+            "UPSTREAM_TIMEOUT_SECONDS": "5",
+        }
+        values.update({k: str(v) for k, v in env.items()})
+        return gateway_config.from_env(values)
+
+    return make
+
+
+class RunningGateway:
+    """A gateway application served on a real loopback port."""
+
+    def __init__(self, app: web.Application, runner: web.AppRunner, url: URL) -> None:
+        self.app = app
+        self.runner = runner
+        self.url = url
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_gateway(config: gateway_config.Config) -> RunningGateway:
+    """Serve `create_app(config)` exactly as `serve` does, on an ephemeral port."""
+    app = create_app(config)
+    runner = web.AppRunner(app, shutdown_timeout=1.0, **RUNNER_KWARGS)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return RunningGateway(app, runner, URL(f"http://127.0.0.1:{port}"))
+
+
+@pytest.fixture
+async def gateway_factory(
+    make_config: Callable[..., gateway_config.Config], log_stream: io.StringIO
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start gateways with configuration overrides; all are stopped after the test."""
+    started: list[RunningGateway] = []
+
+    async def start(**env: Any) -> RunningGateway:
+        gateway = await start_gateway(make_config(**env))
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in reversed(started):
+        await gateway.close()
+
+
+@pytest.fixture
+async def gateway(gateway_factory: Callable[..., Any]) -> RunningGateway:
+    """A gateway in enforce mode with default settings."""
+    running: RunningGateway = await gateway_factory()
+    return running
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client, as the Kilo Code extension would be."""
+    async with aiohttp.ClientSession() as session:
+        yield session
