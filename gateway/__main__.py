@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import sys
 
+from gateway import admin
 from gateway import config as gateway_config
+from gateway.database import connect
 from gateway.logs import setup_logging
 from gateway.server import apply_migrations, serve, with_database
 
@@ -18,13 +20,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve_cmd.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     migrate_cmd = commands.add_parser("migrate", help="apply pending schema migrations")
     migrate_cmd.add_argument("--target", type=int, default=None, help="stop after migration N")
+    key_cmd = commands.add_parser(
+        "create-key", help="create a user, an organization they own, and an API key (for trying)"
+    )
+    key_cmd.add_argument("--email", required=True)
+    key_cmd.add_argument("--organization-name", default="My organization")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = gateway_config.from_env()
+        config = gateway_config.from_env(need_upstream_key=args.command == "serve")
     except gateway_config.ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -35,9 +42,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return serve(config, args.workers)
     config, _embedded = with_database(config)
-    applied = asyncio.run(apply_migrations(config, target=args.target))
-    print(f"applied migrations: {applied or 'none pending'}")
+    if args.command == "migrate":
+        applied = asyncio.run(apply_migrations(config, target=args.target))
+        print(f"applied migrations: {applied or 'none pending'}")
+        return 0
+    asyncio.run(apply_migrations(config))
+    new = asyncio.run(_create_key(config, args.email, args.organization_name))
+    print(f"organization {new.organization_id}, user {new.user_id}")
+    print(f"API key (shown once): {new.token}")
     return 0
+
+
+async def _create_key(config: gateway_config.Config, email: str, name: str) -> admin.NewKey:
+    assert config.database_url is not None
+    async with connect(config.database_url) as conn:
+        return await admin.create_key(conn, email, name)
 
 
 if __name__ == "__main__":

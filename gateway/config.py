@@ -66,8 +66,17 @@ def load_defaults(path: Path | None = None) -> dict[str, Any]:
         return tomllib.load(f)
 
 
-def from_env(env: Mapping[str, str] | None = None, defaults_path: Path | None = None) -> Config:
-    """Build the configuration from `env` (default: the process environment)."""
+def from_env(
+    env: Mapping[str, str] | None = None,
+    defaults_path: Path | None = None,
+    *,
+    need_upstream_key: bool = True,
+) -> Config:
+    """Build the configuration from `env` (default: the process environment).
+
+    Commands that never call the upstream (migrate, create-key) pass
+    `need_upstream_key=False`.
+    """
     env = os.environ if env is None else env
     defaults_path = defaults_path or (
         Path(env["GATEWAY_CONFIG_FILE"]) if env.get("GATEWAY_CONFIG_FILE") else None
@@ -77,7 +86,11 @@ def from_env(env: Mapping[str, str] | None = None, defaults_path: Path | None = 
     return Config(
         database_url=reader.optional_str("DATABASE_URL"),
         openrouter_base_url=str(reader.http_url("OPENROUTER_BASE_URL")).rstrip("/"),
-        openrouter_api_key=reader.required_str("OPENROUTER_API_KEY"),
+        openrouter_api_key=(
+            reader.required_str("OPENROUTER_API_KEY")
+            if need_upstream_key
+            else reader.optional_str("OPENROUTER_API_KEY") or ""
+        ),
         host=reader.required_str("GATEWAY_HOST"),
         port=reader.int("GATEWAY_PORT", low=0, high=65535),
         app_url=str(reader.http_url("APP_URL")).rstrip("/"),

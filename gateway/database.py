@@ -8,6 +8,7 @@ the tests need nothing installed by hand.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,11 +38,14 @@ def start_embedded(data_dir: Path) -> Any:
 
     The server stops when the last process holding a handle exits.
     """
-    import pgserver  # imported here: only the embedded case needs it
+    with warnings.catch_warnings():
+        # pgserver's lock file falls back to /tmp when XDG_RUNTIME_DIR is unset, and says so.
+        warnings.simplefilter("ignore")
+        import pgserver  # imported here: only the embedded case needs it
 
-    data_dir = data_dir.expanduser().resolve()
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    return pgserver.get_server(data_dir, cleanup_mode="stop")
+        data_dir = data_dir.expanduser().resolve()
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        return pgserver.get_server(data_dir, cleanup_mode="stop")
 
 
 @contextlib.contextmanager

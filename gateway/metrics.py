@@ -6,15 +6,23 @@ keys, organization ids or raw paths.
 
 from __future__ import annotations
 
+import os
+
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
+    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
+
+# prometheus_client's own switch for sharing metrics between worker processes; it must
+# be set before this module is first imported, which `serve --workers N` does.
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 # Proxy overhead is sub-millisecond; upstream calls take seconds.
 _DURATION_BUCKETS = (
@@ -45,7 +53,12 @@ ENTITLEMENT_CACHE = Counter(
     "Organization entitlement fact lookups, by result (hit or miss).",
     ["result"],
 )
-ACTIVE_STREAMS = Gauge("gateway_active_streams", "Upstream responses being relayed right now.")
+ACTIVE_STREAMS = Gauge(
+    "gateway_active_streams",
+    "Upstream responses being relayed right now.",
+    # With several workers, the live processes' values add up.
+    multiprocess_mode="livesum",
+)
 
 CACHE_HIT = ENTITLEMENT_CACHE.labels(result="hit")
 CACHE_MISS = ENTITLEMENT_CACHE.labels(result="miss")
@@ -63,8 +76,17 @@ def count_request(route: str, method: str, status: int) -> None:
     child.inc()
 
 
+def exposition_registry() -> CollectorRegistry:
+    """The registry to expose: every worker's values when `serve --workers N` runs."""
+    if not os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
 async def metrics_handler(_request: web.Request) -> web.Response:
     """Serve every metric in the Prometheus text format."""
-    response = web.Response(body=generate_latest(REGISTRY))
+    response = web.Response(body=generate_latest(exposition_registry()))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

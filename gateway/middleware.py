@@ -7,6 +7,7 @@ becomes a 500 whose body says nothing of the internals (the log has the tracebac
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,8 @@ from gateway.logs import log_request
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_HEADER = "X-Request-Id"
+# The client went away before the response was complete (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
 log = structlog.get_logger("gateway.middleware")
 
 _HTTP_ERRORS: dict[int, GatewayError] = {
@@ -59,6 +62,9 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = await _handle(request, handler, ctx)
         status = response.status
         return response
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED_REQUEST
+        raise
     finally:
         duration = time.perf_counter() - started
         metrics.count_request(ctx.route, request.method, status)

@@ -245,9 +245,12 @@ async def relay(
         return response
     finally:
         metrics.ACTIVE_STREAMS.dec()
-        # A response not read to the end closes its connection instead of reusing it,
-        # which is what tells the upstream to stop when the client went away.
-        upstream.close() if not upstream.content.at_eof() else upstream.release()
+        if upstream.content.at_eof():
+            upstream.release()
+        else:
+            # Closing the connection of a response not read to the end is what tells the
+            # upstream to stop generating when the client went away.
+            upstream.close()
 
 
 async def _end_broken_stream(

@@ -6,7 +6,9 @@ import asyncio
 import dataclasses
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 from typing import Any
 
 import structlog
@@ -17,6 +19,7 @@ from gateway.app import RUNNER_KWARGS, create_app
 from gateway.config import Config
 from gateway.database import connect, start_embedded
 from gateway.logs import setup_logging
+from gateway.metrics import MULTIPROCESS_DIR_VARIABLE
 
 log = structlog.get_logger("gateway.server")
 
@@ -92,6 +95,9 @@ def serve(config: Config, workers: int) -> int:
 
 def _run_workers(config: Config, workers: int, embedded: Any) -> int:
     """Start `workers` processes on one port (SO_REUSEPORT) and pass signals on to them."""
+    # Workers write their metrics to files here, and /metrics on any worker sums them.
+    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ[MULTIPROCESS_DIR_VARIABLE] = metrics_dir
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(target=run_worker, args=(config, True), name=f"gateway-worker-{i}")
@@ -110,4 +116,5 @@ def _run_workers(config: Config, workers: int, embedded: Any) -> int:
     for process in processes:
         process.join()
     del embedded  # the embedded database outlives every worker
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return max((p.exitcode or 0) for p in processes)
