@@ -191,7 +191,7 @@ async def send_upstream(
 ) -> aiohttp.ClientResponse:
     """Forward the request; return once the upstream's headers arrive (502/504 otherwise)."""
     session = request.app[UPSTREAM]
-    url = upstream_url(config.openrouter_base_url, tail, request.query_string)
+    url = upstream_url(config.openrouter_base_url, tail, request.rel_url.raw_query_string)
     headers = forward_headers(request.headers, config.openrouter_api_key)
     if request.method not in READ_METHODS:
         # Plain bytes back for what the gateway meters; reads keep their compression.
