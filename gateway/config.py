@@ -183,4 +183,6 @@ class _Reader:
         url = URL(raw)
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(f"{name} must be an http(s) URL with a host, got {raw!r}")
+        if url.raw_query_string or url.raw_fragment or "?" in raw or "#" in raw:
+            raise ConfigError(f"{name} must not have a query or fragment, got {raw!r}")
         return url

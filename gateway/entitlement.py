@@ -83,8 +83,8 @@ def payment_required(facts: OrgFacts, verdict: Verdict, app_url: str) -> Payment
 def refusal_message(facts: OrgFacts, verdict: Verdict, balance: float) -> str:
     """Say plainly what happened and what to do about it."""
     locked = (
-        f" Your ${balance:,.2f} of purchased credits stay locked until you do."
-        if balance > 0
+        f" Your ${balance:,.2f} of purchased credits stay locked until then."
+        if balance >= 0.005
         else ""
     )
     if verdict.reason is Reason.TRIAL_EXPIRED:
@@ -100,6 +100,11 @@ def refusal_message(facts: OrgFacts, verdict: Verdict, balance: float) -> str:
         )
     purchased = facts.purchase.seat_count if facts.purchase is not None else 0
     return (
-        f"Your organization has {facts.seats_used} members but pays for {purchased} seats."
-        " An owner can buy more seats on the billing page, or remove members."
+        f"Your organization has {_count(facts.seats_used, 'member')} but pays for"
+        f" {_count(purchased, 'seat')}. An owner can buy more seats on the billing page,"
+        f" or remove members.{locked}"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

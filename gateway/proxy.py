@@ -64,6 +64,11 @@ _SSE_ERROR_EVENT = (
 )
 
 
+# Encoded slashes and backslashes would let a segment hide a separator; "?" and "#"
+# would end the path early; NUL is never meant.
+_FORBIDDEN_IN_PATH = ("%2f", "%5c", "\\", "%00", "?", "#")
+
+
 def upstream_path(raw_path: str) -> str:
     """The upstream path for a request path, still percent-encoded; 400 for path tricks.
 
@@ -77,7 +82,7 @@ def upstream_path(raw_path: str) -> str:
     if tail.startswith("v1/"):
         tail = tail[3:]
     lowered = tail.lower()
-    if "%2f" in lowered or "%5c" in lowered or "\\" in tail or "%00" in lowered:
+    if any(bad in lowered for bad in _FORBIDDEN_IN_PATH):
         raise _invalid_path()
     for segment in tail.split("/"):
         if segment in ("", ".", "..") or segment.lower() in ("%2e", "%2e%2e", ".%2e", "%2e."):
@@ -101,9 +106,7 @@ def upstream_url(base: str, tail: str, query_string: str) -> URL:
 
 def forward_headers(headers: CIMultiDictProxy[str], upstream_key: str) -> CIMultiDict[str]:
     """The client's headers as the upstream should see them, with our key instead of theirs."""
-    named_in_connection = {
-        name.strip().lower() for name in headers.get("Connection", "").split(",") if name
-    }
+    named_in_connection = _named_in_connection(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lowered = name.lower()
@@ -118,11 +121,23 @@ def forward_headers(headers: CIMultiDictProxy[str], upstream_key: str) -> CIMult
     return out
 
 
+def _named_in_connection(headers: CIMultiDictProxy[str]) -> set[str]:
+    """Headers that a `Connection` header (every one of them) marks as hop-by-hop."""
+    return {
+        name.strip().lower()
+        for value in headers.getall("Connection", ())
+        for name in value.split(",")
+        if name.strip()
+    }
+
+
 def relay_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
     """The upstream's response headers as the client should see them."""
+    named_in_connection = _named_in_connection(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        if name.lower() not in _NOT_RELAYED:
+        lowered = name.lower()
+        if lowered not in _NOT_RELAYED and lowered not in named_in_connection:
             out.add(name, value)
     out["X-Accel-Buffering"] = "no"
     out[REQUEST_ID_HEADER] = request_id
