@@ -64,26 +64,28 @@ class Lookup(Generic[K, V]):
         return await self.load(key)
 
     async def load(self, key: K) -> V | None:
-        """Load `key`, joining a load already in flight for it."""
+        """Load `key`, joining a load already in flight for it.
+
+        The load runs in a task of its own that callers await through a shield, so a
+        client that disconnects cancels only its own wait, never the others' answer.
+        """
         pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        generation = self._generation
+        if pending is None:
+            pending = asyncio.ensure_future(self._load_and_store(key, self._generation))
+            # Mark the outcome retrieved: an error nobody awaits is not an unhandled one.
+            pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._inflight[key] = pending
+        return await asyncio.shield(pending)
+
+    async def _load_and_store(self, key: K, generation: int) -> V | None:
         try:
             value = await self._load(key)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it; none is an unhandled error
-            raise
-        else:
-            future.set_result(value)
-            if generation == self._generation:
-                self._store(key, value)
-            return value
         finally:
-            del self._inflight[key]
+            if self._inflight.get(key) is asyncio.current_task():
+                del self._inflight[key]
+        if generation == self._generation:
+            self._store(key, value)
+        return value
 
     def _store(self, key: K, value: V | None) -> None:
         if value is None:
@@ -96,16 +98,20 @@ class Lookup(Generic[K, V]):
         self._generation += 1
         self._found.pop(key, None)
         self._absent.pop(key, None)
+        # Later callers must not join a load that may have read the old row.
+        self._inflight.pop(key, None)
 
     def evict_where(self, predicate: Callable[[K, V], bool]) -> None:
         """Forget every found entry for which `predicate(key, value)` holds."""
         self._generation += 1
+        self._inflight.clear()
         for key in [k for k, v in list(self._found.items()) if predicate(k, v)]:
             self._found.pop(key, None)
 
     def forget_absent(self) -> None:
         """Forget every "does not exist" entry (something was just created)."""
         self._generation += 1
+        self._inflight.clear()
         self._absent.clear()
 
     def clear(self) -> None:
@@ -113,6 +119,7 @@ class Lookup(Generic[K, V]):
         self._generation += 1
         self._found.clear()
         self._absent.clear()
+        self._inflight.clear()
 
     def __len__(self) -> int:
         return len(self._found) + len(self._absent)
