@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway import queries
-from gateway.appkeys import CACHE, CONFIG, LISTENER, POOL, UPSTREAM
+from gateway.appkeys import CACHE, CONFIG, LEDGER, LISTENER, POOL, UPSTREAM
 from gateway.cache import FactsCache
 from gateway.config import Config
 from gateway.database import create_pool, run_query
@@ -27,6 +27,7 @@ from gateway.middleware import gateway_middleware
 from gateway.proxy import proxy_handler
 from gateway.queries import ApiKey
 from gateway.rule import OrgFacts
+from gateway.usage import UsageLedger
 
 # aiohttp server settings the gateway relies on; `serve` and the tests both use them.
 RUNNER_KWARGS: dict[str, Any] = {
@@ -47,7 +48,15 @@ def create_app(config: Config) -> web.Application:
     app[LISTENER] = ChangeListener(
         config.database_url, on_change=app[CACHE].apply_change, on_reset=app[CACHE].clear
     )
-    app.cleanup_ctx.extend([database_pool, upstream_session, change_listener])
+    app[LEDGER] = UsageLedger(
+        spool_dir=config.usage_spool_dir,
+        batch_size=config.usage_batch_size,
+        flush_interval_seconds=config.usage_flush_interval_seconds,
+        max_pending=config.usage_max_pending,
+        on_charged=app[CACHE].evict_organizations,
+    )
+    # Cleanup runs in reverse: charges are flushed before the pool closes.
+    app.cleanup_ctx.extend([database_pool, upstream_session, usage_ledger, change_listener])
     setup_routes(app)
     return app
 
@@ -117,6 +126,17 @@ async def upstream_session(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await app[UPSTREAM].close()
+
+
+async def usage_ledger(app: web.Application) -> AsyncIterator[None]:
+    """The background writer of charges; on shutdown it writes every pending charge."""
+    ledger, pool = app[LEDGER], app[POOL]
+    task = asyncio.create_task(ledger.run(pool), name="usage-ledger")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await ledger.close(pool, timeout_seconds=app[CONFIG].shutdown_timeout_seconds)
 
 
 async def change_listener(app: web.Application) -> AsyncIterator[None]:

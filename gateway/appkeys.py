@@ -10,11 +10,13 @@ from gateway.cache import FactsCache
 from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.listener import ChangeListener
+from gateway.usage import UsageLedger
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
 CACHE = web.AppKey("cache", FactsCache)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 LISTENER = web.AppKey("listener", ChangeListener)
+LEDGER = web.AppKey("ledger", UsageLedger)
 
 CONTEXT = web.RequestKey("context", RequestContext)

@@ -10,7 +10,7 @@ for `NEGATIVE_CACHE_TTL_SECONDS` so a flood of bad keys cannot flood PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, Generic, TypeVar
 
 from cachetools import TTLCache
@@ -164,6 +164,11 @@ class FactsCache:
             self.facts.evict(org)
         else:
             self.clear()
+
+    def evict_organizations(self, organization_ids: Iterable[str]) -> None:
+        """Forget the facts of these organizations (this process just charged them)."""
+        for organization_id in organization_ids:
+            self.facts.evict(organization_id)
 
     def clear(self) -> None:
         """Forget everything (notifications may have been missed)."""

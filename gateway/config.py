@@ -57,6 +57,10 @@ class Config:
     auto_migrate: bool
     shutdown_timeout_seconds: float
     embedded_data_dir: Path
+    usage_flush_interval_seconds: float
+    usage_batch_size: int
+    usage_max_pending: int
+    usage_spool_dir: Path
     enterprise_organization_ids: tuple[str, ...] = ()
 
 
@@ -78,10 +82,12 @@ def from_env(
     `need_upstream_key=False`.
     """
     env = os.environ if env is None else env
-    defaults_path = defaults_path or (
-        Path(env["GATEWAY_CONFIG_FILE"]) if env.get("GATEWAY_CONFIG_FILE") else None
-    )
     file = load_defaults(defaults_path)
+    if env.get("GATEWAY_CONFIG_FILE"):
+        # Another file (staging, a test) overrides only the settings it names.
+        overlay = load_defaults(Path(env["GATEWAY_CONFIG_FILE"]))
+        for section, values in overlay.items():
+            file.setdefault(section, {}).update(values)
     reader = _Reader(env, file.get("env", {}))
     return Config(
         database_url=reader.optional_str("DATABASE_URL"),
@@ -108,6 +114,10 @@ def from_env(
         auto_migrate=reader.bool("AUTO_MIGRATE"),
         shutdown_timeout_seconds=reader.float("SHUTDOWN_TIMEOUT_SECONDS", low=0),
         embedded_data_dir=Path(reader.required_str("EMBEDDED_DATA_DIR")),
+        usage_flush_interval_seconds=reader.float("USAGE_FLUSH_INTERVAL_SECONDS", low=0.001),
+        usage_batch_size=reader.int("USAGE_BATCH_SIZE", low=1, high=100_000),
+        usage_max_pending=reader.int("USAGE_MAX_PENDING", low=2, high=10_000_000),
+        usage_spool_dir=Path(reader.required_str("USAGE_SPOOL_DIR")),
         enterprise_organization_ids=tuple(
             str(i) for i in file.get("migrations", {}).get("enterprise_organization_ids", [])
         ),

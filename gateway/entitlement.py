@@ -7,11 +7,12 @@ refusal into the 402 the Kilo Code extension shows in its payment dialog.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from gateway.config import EnforcementMode
 from gateway.errors import PaymentRequired
-from gateway.rule import OrgFacts, Reason, Verdict, decide
+from gateway.rule import OrgFacts, Reason, Verdict, decide, decide_credits, is_free_model
 
 MICRODOLLARS_PER_USD = 1_000_000
 
@@ -19,6 +20,7 @@ _TITLES = {
     Reason.TRIAL_EXPIRED: "Your free trial has ended",
     Reason.SUBSCRIPTION_INACTIVE: "Your subscription is not active",
     Reason.SEATS_EXCEEDED: "Your organization needs more seats",
+    Reason.INSUFFICIENT_CREDITS: "Your organization is out of credits",
 }
 
 
@@ -35,9 +37,9 @@ def iso_utc(unix_seconds: float) -> str:
     return datetime.fromtimestamp(unix_seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
-def balance_usd(facts: OrgFacts) -> float:
-    """The organization's credit balance in USD."""
-    return facts.balance_microdollars / MICRODOLLARS_PER_USD
+def balance_usd(balance_microdollars: int) -> float:
+    """A balance in USD."""
+    return balance_microdollars / MICRODOLLARS_PER_USD
 
 
 def billing_url(app_url: str, organization_id: str) -> str:
@@ -46,22 +48,38 @@ def billing_url(app_url: str, organization_id: str) -> str:
 
 
 def check(
-    facts: OrgFacts, now: float, *, trial_days: int, mode: EnforcementMode, app_url: str
+    facts: OrgFacts,
+    now: float,
+    *,
+    trial_days: int,
+    mode: EnforcementMode,
+    app_url: str,
+    unwritten_microdollars: int = 0,
+    requested_model: Callable[[], str | None] | None = None,
 ) -> Outcome:
-    """Judge the organization now; in enforce mode a refusal raises `PaymentRequired`."""
+    """Judge the organization now; in enforce mode a refusal raises `PaymentRequired`.
+
+    For metered requests `requested_model` names the model, asked only when the balance
+    (the database's, less what this process charged and has not written yet) is used up.
+    """
     verdict = decide(facts, now, trial_days)
+    balance = facts.balance_microdollars - unwritten_microdollars
+    if verdict.allowed and requested_model is not None and balance <= 0:
+        verdict = decide_credits(verdict, balance, is_free_model(requested_model()))
     if verdict.allowed:
         return Outcome(verdict, None)
     assert verdict.reason is not None
     if mode is EnforcementMode.ENFORCE:
-        raise payment_required(facts, verdict, app_url)
+        raise payment_required(facts, verdict, app_url, balance)
     return Outcome(verdict, verdict.reason)
 
 
-def payment_required(facts: OrgFacts, verdict: Verdict, app_url: str) -> PaymentRequired:
+def payment_required(
+    facts: OrgFacts, verdict: Verdict, app_url: str, balance_microdollars: int
+) -> PaymentRequired:
     """The 402 for a refused organization, with what the payment dialog reads."""
     assert verdict.reason is not None
-    balance = balance_usd(facts)
+    balance = balance_usd(balance_microdollars)
     seats_purchased = facts.purchase.seat_count if facts.purchase is not None else 0
     return PaymentRequired(
         refusal_message(facts, verdict, balance),
@@ -92,6 +110,11 @@ def refusal_message(facts: OrgFacts, verdict: Verdict, balance: float) -> str:
         return (
             f"Your organization's free trial ended on {ended}. An owner can subscribe to an"
             f" annual plan on the billing page to keep using Kilo Code.{locked}"
+        )
+    if verdict.reason is Reason.INSUFFICIENT_CREDITS:
+        return (
+            f"Your organization's credit balance is ${balance:,.2f}. An owner can buy credits"
+            " on the billing page; models whose id ends in :free stay available meanwhile."
         )
     if verdict.reason is Reason.SUBSCRIPTION_INACTIVE:
         return (

@@ -60,6 +60,21 @@ ACTIVE_STREAMS = Gauge(
     multiprocess_mode="livesum",
 )
 
+CHARGED_MICRODOLLARS = Counter(
+    "gateway_charged_microdollars",
+    "Microdollars charged to organizations' credits (written to the ledger).",
+)
+USAGE_PENDING = Gauge(
+    "gateway_usage_pending",
+    "Charges recorded but not yet written to the database.",
+    multiprocess_mode="livesum",
+)
+USAGE_FLUSH_SECONDS = Histogram(
+    "gateway_usage_flush_seconds",
+    "Time to write one batch of charges.",
+    buckets=_DURATION_BUCKETS,
+)
+
 CACHE_HIT = ENTITLEMENT_CACHE.labels(result="hit")
 CACHE_MISS = ENTITLEMENT_CACHE.labels(result="miss")
 

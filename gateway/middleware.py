@@ -25,10 +25,10 @@ from gateway.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from gateway.forwarding import REQUEST_ID_HEADER
 from gateway.logs import log_request
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-REQUEST_ID_HEADER = "X-Request-Id"
 # The client went away before the response was complete (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
 log = structlog.get_logger("gateway.middleware")

@@ -12,6 +12,10 @@ The gateway caches facts, never verdicts, so an organization whose trial ends at
    `trial_expired` when it never had a purchase, `subscription_inactive` when it had one.
 4. Seats used (members who are not billing managers) above the purchase's seat count:
    `seats_exceeded`.
+
+Spending is judged after access (`decide_credits`): an organization that may use the
+proxy but has no credit left (balance at or below zero) is refused paid models with
+`insufficient_credits`; models whose id ends in `:free` stay available.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import dataclasses
 from enum import StrEnum
 
 SECONDS_PER_DAY = 86_400
+FREE_MODEL_SUFFIX = ":free"
 PAYING_STATUSES = frozenset({"active", "pending_cancel", "past_due"})
 
 
@@ -27,6 +32,7 @@ class Reason(StrEnum):
     TRIAL_EXPIRED = "trial_expired"
     SUBSCRIPTION_INACTIVE = "subscription_inactive"
     SEATS_EXCEEDED = "seats_exceeded"
+    INSUFFICIENT_CREDITS = "insufficient_credits"
 
 
 class Standing(StrEnum):
@@ -109,3 +115,15 @@ def decide(facts: OrgFacts, now: float, trial_days: int) -> Verdict:
     if facts.seats_used > purchase.seat_count:
         return Verdict(False, Standing.BLOCKED, Reason.SEATS_EXCEEDED, ends_at)
     return Verdict(True, Standing.SUBSCRIBED, None, ends_at)
+
+
+def is_free_model(model: str | None) -> bool:
+    """True for models OpenRouter serves at no cost (their id ends in `:free`)."""
+    return model is not None and model.endswith(FREE_MODEL_SUFFIX)
+
+
+def decide_credits(verdict: Verdict, balance_microdollars: int, model_is_free: bool) -> Verdict:
+    """Refuse a paid model to an allowed organization whose balance is at or below zero."""
+    if not verdict.allowed or model_is_free or balance_microdollars > 0:
+        return verdict
+    return dataclasses.replace(verdict, allowed=False, reason=Reason.INSUFFICIENT_CREDITS)

@@ -10,6 +10,9 @@ import asyncpg
 
 from gateway.auth import hash_token
 
+# What a test organization has bought unless the test says otherwise: $100.
+DEFAULT_CREDITS_MICRODOLLARS = 100_000_000
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -38,23 +41,41 @@ class Seed:
         free_trial_end_at: datetime | None = None,
         require_seats: bool = True,
         plan: str = "teams",
-        credits_acquired_microdollars: int = 0,
+        credits_acquired_microdollars: int = DEFAULT_CREDITS_MICRODOLLARS,
         credits_used_microdollars: int = 0,
     ) -> str:
-        """An organization created `age` ago (so its trial ends 30 days after that)."""
+        """An organization created `age` ago (so its trial ends 30 days after that).
+
+        It has bought `credits_acquired_microdollars` of credits (through the ledger, as
+        a purchase would) so that paid models are not refused for balance unless a test
+        says so.
+        """
         org_id: str = await self.conn.fetchval(
             """INSERT INTO organizations (name, created_at, free_trial_end_at, require_seats, plan,
-                   credits_acquired_microdollars, credits_used_microdollars)
-               VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id::text""",
+                   credits_used_microdollars)
+               VALUES ($1, $2, $3, $4, $5, $6) RETURNING id::text""",
             name,
             utcnow() - age,
             free_trial_end_at,
             require_seats,
             plan,
-            credits_acquired_microdollars,
             credits_used_microdollars,
         )
+        if credits_acquired_microdollars:
+            await self.credits(org_id, credits_acquired_microdollars)
         return org_id
+
+    async def credits(
+        self, org_id: str, amount_microdollars: int, *, description: str = "Credit purchase"
+    ) -> None:
+        """Add a ledger row, as a credit purchase does."""
+        await self.conn.execute(
+            """INSERT INTO credit_transactions (organization_id, amount_microdollars, description)
+               VALUES ($1::uuid, $2, $3)""",
+            org_id,
+            amount_microdollars,
+            description,
+        )
 
     async def member(self, org_id: str, user_id: str, role: str = "member") -> None:
         await self.conn.execute(

@@ -218,7 +218,7 @@ class TestEnforceMode:
         """balance is (acquired - used) microdollars in USD, the credits the refusal locks."""
         org = facts(credits_acquired_microdollars=acquired, credits_used_microdollars=used)
         assert refusal(org).envelope()["error"]["balance"] == pytest.approx(balance)
-        assert balance_usd(org) == pytest.approx(balance)
+        assert balance_usd(org.balance_microdollars) == pytest.approx(balance)
 
     @pytest.mark.parametrize(
         ("free_trial_end_at", "expected"),

@@ -67,9 +67,10 @@ async def insert_legacy_rows(conn: asyncpg.Connection, name: str) -> dict[str, s
 # --- the story the migrations tell ----------------------------------------------------------
 
 
-async def test_migrations_are_numbered_one_to_four() -> None:
-    """The sql/ directory holds migrations 1 to 4, in order."""
-    assert ALL_VERSIONS == [1, 2, 3, 4]
+async def test_migrations_are_numbered_without_gaps() -> None:
+    """The sql/ directory holds migrations 1, 2, 3, ... in order, the story's first five."""
+    assert list(range(1, len(ALL_VERSIONS) + 1)) == ALL_VERSIONS
+    assert ALL_VERSIONS[:5] == [1, 2, 3, 4, 5]
 
 
 async def test_target_one_is_the_schema_before_annual_billing(empty_db: asyncpg.Connection) -> None:
@@ -93,7 +94,7 @@ async def test_backfill_makes_old_purchases_monthly_and_old_orgs_teams(
     await migrate(empty_db, target=1)
     old = await insert_legacy_rows(empty_db, "legacy")
 
-    assert await migrate(empty_db) == [2, 3, 4]
+    assert await migrate(empty_db) == ALL_VERSIONS[1:]
 
     cycle = await empty_db.fetchval(
         "SELECT billing_cycle FROM organization_seats_purchases WHERE id = $1::uuid",
@@ -129,7 +130,7 @@ async def test_listed_organizations_become_enterprise(empty_db: asyncpg.Connecti
 
     applied = await migrate(empty_db, enterprise_organization_ids=[partner["org"]])
 
-    assert applied == [3, 4]
+    assert applied == ALL_VERSIONS[2:]
     plans = dict(await empty_db.fetch("SELECT id::text, plan FROM organizations"))
     assert plans == {partner["org"]: "enterprise", ordinary["org"]: "teams"}
 
@@ -271,7 +272,7 @@ async def test_organization_changes_name_the_organization(
     db: asyncpg.Connection, seed: Seed, notifications: Notifications
 ) -> None:
     """Inserting, updating and deleting an organization each notify with its id."""
-    org = await seed.org()
+    org = await seed.org(credits_acquired_microdollars=0)
     await db.execute(
         "UPDATE organizations SET free_trial_end_at = now() + interval '10 days'"
         " WHERE id = $1::uuid",
@@ -289,7 +290,7 @@ async def test_purchase_changes_name_the_organization(
     db: asyncpg.Connection, seed: Seed, notifications: Notifications
 ) -> None:
     """A new purchase and a status change notify with the purchase's organization."""
-    org = await seed.org()
+    org = await seed.org(credits_acquired_microdollars=0)
     await notifications.next()
     purchase = await seed.purchase(org)
     await db.execute(
@@ -306,7 +307,7 @@ async def test_membership_changes_name_organization_and_user(
     db: asyncpg.Connection, seed: Seed, notifications: Notifications
 ) -> None:
     """Adding and removing a member notify with the organization and the user."""
-    org = await seed.org()
+    org = await seed.org(credits_acquired_microdollars=0)
     user = await seed.user()
     await notifications.next()
     await seed.member(org, user)
@@ -324,8 +325,8 @@ async def test_moving_a_row_names_both_organizations(
     db: asyncpg.Connection, seed: Seed, notifications: Notifications
 ) -> None:
     """An update that moves a membership to another organization notifies for old and new."""
-    old_org = await seed.org()
-    new_org = await seed.org()
+    old_org = await seed.org(credits_acquired_microdollars=0)
+    new_org = await seed.org(credits_acquired_microdollars=0)
     user = await seed.user()
     await seed.member(old_org, user)
     await notifications.collect(3)
@@ -345,7 +346,7 @@ async def test_api_key_changes_name_the_key_and_never_its_hash(
     db: asyncpg.Connection, seed: Seed, notifications: Notifications
 ) -> None:
     """Creating and revoking a key notify with its id, user and org, never its hash."""
-    org = await seed.org()
+    org = await seed.org(credits_acquired_microdollars=0)
     user = await seed.user()
     await notifications.next()
     token = await seed.key(user, org)
@@ -374,7 +375,7 @@ async def test_rolled_back_change_does_not_notify(
     db: asyncpg.Connection, seed: Seed, notifications: Notifications
 ) -> None:
     """Notifications are sent on commit only: a rolled-back change announces nothing."""
-    org = await seed.org()
+    org = await seed.org(credits_acquired_microdollars=0)
     await notifications.next()
 
     transaction = db.transaction()

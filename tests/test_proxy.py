@@ -24,7 +24,7 @@ from yarl import URL
 from bench.fake_upstream import RunningUpstream
 from gateway.auth import hash_token
 from tests.conftest import UPSTREAM_TEST_KEY, RunningGateway
-from tests.factories import Seed, utcnow
+from tests.factories import DEFAULT_CREDITS_MICRODOLLARS, Seed, utcnow
 
 CHAT_PATH = "/api/openrouter/chat/completions"
 CHAT_BODY: dict[str, Any] = {
@@ -394,7 +394,7 @@ async def test_inactive_subscription_is_402(
         org_id=member.org_id,
         seats_used=1,
         seats_purchased=5,
-        balance=0.0,
+        balance=DEFAULT_CREDITS_MICRODOLLARS / 1_000_000,
     )
     assert upstream.recorder.received == received_before
 
@@ -420,7 +420,7 @@ async def test_more_members_than_seats_is_402(
         org_id=member.org_id,
         seats_used=2,
         seats_purchased=1,
-        balance=0.0,
+        balance=DEFAULT_CREDITS_MICRODOLLARS / 1_000_000,
     )
     assert upstream.recorder.received == received_before
 

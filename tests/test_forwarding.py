@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import BadRequest
-from gateway.proxy import (
+from gateway.forwarding import (
     KNOWN_PATHS,
     PREFIX,
     forward_headers,

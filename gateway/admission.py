@@ -1,0 +1,90 @@
+"""Whether a request may go upstream: membership, the entitlement rule, and credits.
+
+Authentication happens first, in the proxy; this module takes the authenticated key,
+finds the caller's organization and role, fetches the organization's facts (cached)
+and applies the rule in the configured enforcement mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+from multidict import CIMultiDictProxy
+
+from gateway import metrics
+from gateway.auth import Caller, authorize
+from gateway.cache import MISSING, FactsCache
+from gateway.config import Config, EnforcementMode
+from gateway.context import RequestContext
+from gateway.entitlement import check
+from gateway.errors import Forbidden, PaymentRequired
+from gateway.queries import ApiKey
+from gateway.rule import OrgFacts
+
+# Methods that only read (model lists): they need a valid key, not an entitled organization.
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Admission:
+    """A request let through: for whom, and the reason shadow mode would have refused it."""
+
+    caller: Caller | None
+    would_block: str | None = None
+
+
+async def admit(
+    *,
+    method: str,
+    headers: CIMultiDictProxy[str],
+    key: ApiKey,
+    cache: FactsCache,
+    config: Config,
+    ctx: RequestContext,
+    unwritten_microdollars: Callable[[str], int],
+    requested_model: Callable[[], str | None] | None,
+) -> Admission:
+    """Let the request through, or raise the 400/403/402 that refuses it."""
+    if method in READ_METHODS:
+        return Admission(None)
+    caller = await authorize(headers, key, cache)
+    ctx.organization_id = caller.organization_id
+    if config.enforcement_mode is EnforcementMode.OFF:
+        return Admission(caller)
+    facts = await organization_facts(cache, caller.organization_id)
+    try:
+        outcome = check(
+            facts,
+            time.time(),
+            trial_days=config.trial_days,
+            mode=config.enforcement_mode,
+            app_url=config.app_url,
+            unwritten_microdollars=unwritten_microdollars(caller.organization_id),
+            requested_model=requested_model,
+        )
+    except PaymentRequired as exc:
+        ctx.verdict = "blocked"
+        metrics.BLOCKED.labels(exc.reason, EnforcementMode.ENFORCE.value).inc()
+        raise
+    if outcome.would_block is None:
+        ctx.verdict = "allowed"
+        return Admission(caller)
+    reason = outcome.would_block.value
+    ctx.verdict, ctx.reason = "would_block", reason
+    metrics.BLOCKED.labels(reason, config.enforcement_mode.value).inc()
+    return Admission(caller, reason)
+
+
+async def organization_facts(cache: FactsCache, organization_id: str) -> OrgFacts:
+    """The organization's facts, from the cache or the database (counted either way)."""
+    facts = cache.facts.cached(organization_id)
+    if facts is MISSING:
+        metrics.CACHE_MISS.inc()
+        facts = await cache.facts.load(organization_id)
+    else:
+        metrics.CACHE_HIT.inc()
+    if facts is None:
+        raise Forbidden("You are not a member of this organization.", reason="not_a_member")
+    return facts

@@ -1,0 +1,120 @@
+"""What crosses the gateway and how: the upstream path, and the headers in each direction.
+
+Pure functions of the request's path and headers, so every rule about what may reach
+OpenRouter (and what may come back) is tested without a socket.
+"""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.errors import BadRequest
+
+REQUEST_ID_HEADER = "X-Request-Id"
+PREFIX = "/api/openrouter/"
+# Upstream paths named in metrics; every other path is counted as "other".
+KNOWN_PATHS = frozenset({"chat/completions", "completions", "models", "generation", "embeddings"})
+
+# Headers that describe one hop, or carry the caller's credentials, never go upstream.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_NOT_FORWARDED = _HOP_BY_HOP | {"host", "content-length", "authorization", "cookie", "expect"}
+# Set-Cookie from OpenRouter belongs to no user of ours; content-length is re-derived.
+_NOT_RELAYED = _HOP_BY_HOP | {"set-cookie", "content-length", REQUEST_ID_HEADER.lower()}
+
+# Encoded slashes and backslashes would let a segment hide a separator; "?" and "#"
+# would end the path early; NUL is never meant.
+_FORBIDDEN_IN_PATH = ("%2f", "%5c", "\\", "%00", "?", "#")
+
+
+def upstream_path(raw_path: str) -> str:
+    """The upstream path for a request path, still percent-encoded; 400 for path tricks.
+
+    A leading `v1/` is dropped (the base URL already ends in /v1). Dot segments, empty
+    segments, encoded slashes and backslashes are refused so the path cannot climb out of
+    the base URL's path.
+    """
+    if not raw_path.startswith(PREFIX):
+        raise _invalid_path()
+    tail = raw_path[len(PREFIX) :]
+    if tail.startswith("v1/"):
+        tail = tail[3:]
+    lowered = tail.lower()
+    if any(bad in lowered for bad in _FORBIDDEN_IN_PATH):
+        raise _invalid_path()
+    for segment in tail.split("/"):
+        if segment in ("", ".", "..") or segment.lower() in ("%2e", "%2e%2e", ".%2e", "%2e."):
+            raise _invalid_path()
+    return tail
+
+
+def _invalid_path() -> BadRequest:
+    return BadRequest(
+        "The requested path is not a valid OpenRouter API path.", reason="invalid_path"
+    )
+
+
+def upstream_url(base: str, tail: str, query_string: str) -> URL:
+    """`{base}/{tail}?{query}`, without re-encoding what the client encoded."""
+    url = f"{base}/{tail}"
+    if query_string:
+        url = f"{url}?{query_string}"
+    return URL(url, encoded=True)
+
+
+def forward_headers(headers: CIMultiDictProxy[str], upstream_key: str) -> CIMultiDict[str]:
+    """The client's headers as the upstream should see them, with our key instead of theirs."""
+    named_in_connection = _named_in_connection(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if (
+            lowered in _NOT_FORWARDED
+            or lowered in named_in_connection
+            or lowered.startswith("x-kilocode-")
+        ):
+            continue
+        out.add(name, value)
+    out["Authorization"] = f"Bearer {upstream_key}"
+    return out
+
+
+def _named_in_connection(headers: CIMultiDictProxy[str]) -> set[str]:
+    """Headers that a `Connection` header (every one of them) marks as hop-by-hop."""
+    return {
+        name.strip().lower()
+        for value in headers.getall("Connection", ())
+        for name in value.split(",")
+        if name.strip()
+    }
+
+
+def relay_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    """The upstream's response headers as the client should see them."""
+    named_in_connection = _named_in_connection(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered not in _NOT_RELAYED and lowered not in named_in_connection:
+            out.add(name, value)
+    out["X-Accel-Buffering"] = "no"
+    out[REQUEST_ID_HEADER] = request_id
+    return out
+
+
+def metric_route(tail: str) -> str:
+    """The route label for an upstream path: a known endpoint or "other"."""
+    path = tail.partition("?")[0]
+    return PREFIX + (path if path in KNOWN_PATHS else "other")

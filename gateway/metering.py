@@ -1,0 +1,207 @@
+"""Reading what a completion cost from the upstream's own response, as it passes through.
+
+OpenRouter reports `usage` (tokens and `cost` in USD) in the JSON of a plain response,
+and in a separate chunk near the end of a stream. The readers here see the bytes the
+client gets, unchanged, and only parse what can hold usage: a stream is split into
+lines, `:` comment lines are never parsed, and JSON is decoded only for `data:` lines
+that mention usage or an error. No I/O: the proxy feeds them, the usage module charges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any
+
+from gateway.rule import is_free_model
+from gateway.usage import Charge
+
+MICRODOLLARS_PER_USD = 1_000_000
+METERED_PATHS = frozenset({"chat/completions", "completions"})
+# A usage line longer than this is not a usage line; stop buffering rather than grow.
+MAX_LINE_BYTES = 1 << 20
+_DATA_PREFIX = b"data:"
+# The request's top-level "model". Found by a scan rather than by decoding the body:
+# Kilo Code sends whole conversations (hundreds of KB), and OpenAI-style clients put
+# "model" first. An escaped quote inside message text cannot match `"model"`.
+_REQUEST_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,512})"')
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Usage:
+    """What the upstream said a request used; `cost_microdollars` is exact integer money."""
+
+    model: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cost_microdollars: int
+
+
+def usd_to_microdollars(cost: Any) -> int:
+    """USD (a JSON number) as whole microdollars, rounded half up; junk counts as 0."""
+    try:
+        value = Decimal(str(cost))
+    except (InvalidOperation, ValueError):
+        return 0
+    if not value.is_finite() or value <= 0:
+        return 0
+    return int((value * MICRODOLLARS_PER_USD).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def usage_from_object(obj: Any, model: str | None = None) -> Usage | None:
+    """The usage in a decoded response object or stream chunk, if it carries one."""
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    return Usage(
+        model=obj.get("model") if isinstance(obj.get("model"), str) else model,
+        prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
+        completion_tokens=_int_or_none(usage.get("completion_tokens")),
+        cost_microdollars=usd_to_microdollars(usage.get("cost", 0)),
+    )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class JsonUsageReader:
+    """Collects a plain JSON response and reads its `usage` at the end."""
+
+    __slots__ = ("_chunks", "_size", "overflowed")
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.overflowed = False
+
+    def feed(self, chunk: bytes) -> None:
+        """See the next bytes of the response body."""
+        if self.overflowed:
+            return
+        self._size += len(chunk)
+        if self._size > MAX_LINE_BYTES * 16:
+            self.overflowed, self._chunks = True, []
+            return
+        self._chunks.append(chunk)
+
+    def usage(self) -> Usage | None:
+        """The response's usage, once the body is complete."""
+        if self.overflowed or not self._chunks:
+            return None
+        try:
+            return usage_from_object(json.loads(b"".join(self._chunks)))
+        except ValueError:
+            return None
+
+
+class SseUsageReader:
+    """Follows a `text/event-stream` response and keeps the last usage it reported."""
+
+    __slots__ = ("_partial", "error", "last_usage", "model", "saw_done")
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self.last_usage: Usage | None = None
+        self.model: str | None = None
+        self.error: dict[str, Any] | None = None
+        self.saw_done = False
+
+    def feed(self, chunk: bytes) -> None:
+        """See the next bytes of the stream, in whatever pieces the network cut it."""
+        data = self._partial + chunk if self._partial else chunk
+        end = data.rfind(b"\n")
+        if end == -1:
+            self._partial = data if len(data) <= MAX_LINE_BYTES else b""
+            return
+        rest = data[end + 1 :]
+        self._partial = rest if len(rest) <= MAX_LINE_BYTES else b""
+        complete = data[:end]
+        # Most chunks carry only content: skip them without splitting or parsing.
+        if b'"usage"' in complete or b'"error"' in complete or b"[DONE]" in complete:
+            for line in complete.split(b"\n"):
+                self._line(line.rstrip(b"\r"))
+
+    def _line(self, line: bytes) -> None:
+        if not line.startswith(_DATA_PREFIX):
+            return  # comment (": OPENROUTER PROCESSING"), event:, id:, or blank
+        payload = line[len(_DATA_PREFIX) :].strip()
+        if payload == b"[DONE]":
+            self.saw_done = True
+            return
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        if isinstance(obj.get("model"), str):
+            self.model = obj["model"]
+        if isinstance(obj.get("error"), dict):
+            self.error = obj["error"]
+        usage = usage_from_object(obj, self.model)
+        if usage is not None:
+            self.last_usage = usage
+
+    def usage(self) -> Usage | None:
+        """The last usage the stream reported (the final one wins)."""
+        return self.last_usage
+
+
+def requested_model(body: bytes) -> str | None:
+    """The model a completion request asks for, or None."""
+    match = _REQUEST_MODEL.search(body)
+    return match.group(1).decode("utf-8", "replace") if match else None
+
+
+class Meter:
+    """Follows one metered request: its model, its response's usage, and its charge."""
+
+    __slots__ = ("_body", "_model", "_model_known", "_reader", "streamed")
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self._model: str | None = None
+        self._model_known = False
+        self._reader: SseUsageReader | JsonUsageReader | None = None
+        self.streamed = False
+
+    def model(self) -> str | None:
+        """The requested model (read from the body once, on first ask)."""
+        if not self._model_known:
+            self._model, self._model_known = requested_model(self._body), True
+        return self._model
+
+    def start(self, content_type: str) -> None:
+        """The response's headers arrived: pick the reader its content type needs."""
+        self.streamed = content_type == "text/event-stream"
+        self._reader = SseUsageReader() if self.streamed else JsonUsageReader()
+
+    def feed(self, chunk: bytes) -> None:
+        """See the next bytes the client was sent."""
+        if self._reader is not None:
+            self._reader.feed(chunk)
+
+    def charge(
+        self, *, request_id: str, organization_id: str, user_id: str, status: int, cancelled: bool
+    ) -> Charge:
+        """The request's charge: what the upstream reported, nothing for `:free` models."""
+        usage = self._reader.usage() if self._reader is not None else None
+        model = self.model() or (usage.model if usage is not None else None)
+        cost = 0 if usage is None or is_free_model(model) else usage.cost_microdollars
+        return Charge(
+            request_id=request_id,
+            organization_id=organization_id,
+            user_id=user_id,
+            model=model,
+            prompt_tokens=usage.prompt_tokens if usage is not None else None,
+            completion_tokens=usage.completion_tokens if usage is not None else None,
+            cost_microdollars=cost,
+            streamed=self.streamed,
+            status=status,
+            cancelled=cancelled,
+        )
