@@ -26,6 +26,7 @@ from gateway.metrics import metrics_handler
 from gateway.middleware import gateway_middleware
 from gateway.proxy import proxy_handler
 from gateway.queries import ApiKey
+from gateway.reports import usage_report_handler
 from gateway.rule import OrgFacts
 from gateway.usage import UsageLedger
 
@@ -67,6 +68,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_route("*", "/api/openrouter/{path:.*}", proxy_handler)
+    app.router.add_get("/api/organizations/{organization_id}/usage", usage_report_handler)
 
 
 def build_cache(app: web.Application, config: Config) -> FactsCache:

@@ -63,12 +63,11 @@ async def authenticate(headers: CIMultiDictProxy[str], cache: FactsCache) -> Api
     return key
 
 
-def parse_organization_id(value: str) -> str:
-    """The canonical form of an organization id from a header, or 400."""
+def parse_organization_id(value: str, source: str = f"The {ORGANIZATION_HEADER} header") -> str:
+    """The canonical form of an organization id from a header or path, or 400."""
     if _UUID.fullmatch(value) is None:
         raise BadRequest(
-            f"The {ORGANIZATION_HEADER} header must be an organization id (a UUID).",
-            reason="invalid_organization_id",
+            f"{source} must be an organization id (a UUID).", reason="invalid_organization_id"
         )
     return value.lower()
 
@@ -105,3 +104,20 @@ async def authorize(headers: CIMultiDictProxy[str], key: ApiKey, cache: FactsCac
         # Billing managers pay for an organization; they do not use its models.
         raise Forbidden("You are not a member of this organization.", reason="not_a_member")
     return Caller(key.user_id, organization_id, role)
+
+
+async def require_role(
+    key: ApiKey, organization_id: str, cache: FactsCache, roles: frozenset[str]
+) -> str:
+    """The key's user's role in the organization when it is one of `roles`, else 403."""
+    if key.organization_id is not None and key.organization_id != organization_id:
+        raise Forbidden("This API key belongs to another organization.", reason="not_a_member")
+    role = await cache.roles.get((organization_id, key.user_id))
+    if role is None:
+        raise Forbidden("You are not a member of this organization.", reason="not_a_member")
+    if role not in roles:
+        allowed = " or ".join(sorted(r.replace("_", " ") + "s" for r in roles))
+        raise Forbidden(
+            f"Only {allowed} of this organization may do this.", reason="insufficient_role"
+        )
+    return role
