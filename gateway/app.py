@@ -15,7 +15,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway import queries
+from gateway import (
+    billing,
+    invitations,
+    mailer,
+    organizations,
+    queries,
+    reminders,
+    webhooks,
+)
 from gateway.appkeys import CACHE, CONFIG, LEDGER, LISTENER, POOL, UPSTREAM
 from gateway.cache import FactsCache
 from gateway.config import Config
@@ -59,6 +67,9 @@ def create_app(config: Config) -> web.Application:
     # Cleanup runs in reverse: charges are flushed before the pool closes.
     app.cleanup_ctx.extend([database_pool, upstream_session, usage_ledger, change_listener])
     setup_routes(app)
+    # The billing side: each module registers its own routes and background tasks.
+    for module in (organizations, invitations, billing, webhooks, mailer, reminders):
+        module.setup(app)
     return app
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 from yarl import URL
 
+from gateway.plans import Catalog, load_catalog
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_FILE = PROJECT_ROOT / "config" / "defaults.toml"
 
@@ -61,7 +63,23 @@ class Config:
     usage_batch_size: int
     usage_max_pending: int
     usage_spool_dir: Path
+    stripe_secret_key: str | None = dataclasses.field(default=None, repr=False)
+    stripe_webhook_secret: str | None = dataclasses.field(default=None, repr=False)
+    stripe_api_base: str = "https://api.stripe.com"
+    monthly_plan_enabled: bool = False
+    sales_email: str = "sales@kilocode.ai"
+    email_from: str = "Kilo Code <hello@kilocode.ai>"
+    smtp_url: str | None = dataclasses.field(default=None, repr=False)
+    invitation_ttl_days: int = 7
+    trial_reminder_interval_seconds: float = 3600.0
+    email_poll_interval_seconds: float = 1.0
     enterprise_organization_ids: tuple[str, ...] = ()
+    catalog: Catalog = dataclasses.field(default_factory=load_catalog, repr=False)
+
+    @property
+    def stripe_configured(self) -> bool:
+        """True when the billing endpoints can talk to Stripe."""
+        return bool(self.stripe_secret_key)
 
 
 def load_defaults(path: Path | None = None) -> dict[str, Any]:
@@ -118,9 +136,20 @@ def from_env(
         usage_batch_size=reader.int("USAGE_BATCH_SIZE", low=1, high=100_000),
         usage_max_pending=reader.int("USAGE_MAX_PENDING", low=2, high=10_000_000),
         usage_spool_dir=Path(reader.required_str("USAGE_SPOOL_DIR")),
+        stripe_secret_key=reader.optional_str("STRIPE_SECRET_KEY"),
+        stripe_webhook_secret=reader.optional_str("STRIPE_WEBHOOK_SECRET"),
+        stripe_api_base=str(reader.http_url("STRIPE_API_BASE")).rstrip("/"),
+        monthly_plan_enabled=reader.bool("MONTHLY_PLAN_ENABLED"),
+        sales_email=reader.required_str("SALES_EMAIL"),
+        email_from=reader.required_str("EMAIL_FROM"),
+        smtp_url=reader.optional_str("SMTP_URL"),
+        invitation_ttl_days=reader.int("INVITATION_TTL_DAYS", low=1, high=365),
+        trial_reminder_interval_seconds=reader.float("TRIAL_REMINDER_INTERVAL_SECONDS", low=0.01),
+        email_poll_interval_seconds=reader.float("EMAIL_POLL_INTERVAL_SECONDS", low=0.01),
         enterprise_organization_ids=tuple(
             str(i) for i in file.get("migrations", {}).get("enterprise_organization_ids", [])
         ),
+        catalog=load_catalog(),
     )
 
 

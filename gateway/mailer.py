@@ -1,0 +1,9 @@
+"""The email outbox and the sender that delivers it through SMTP."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+def setup(app: web.Application) -> None:
+    """Register this module's routes and background tasks on the application."""

@@ -1,0 +1,51 @@
+"""Reading JSON request bodies: a clear 400 for anything malformed, never a 500."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import BadRequest
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or 400 `invalid_json`."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("The request body is not valid JSON.", reason="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", reason="invalid_json")
+    return body
+
+
+def string_field(body: dict[str, Any], name: str, *, max_length: int = 200) -> str:
+    """A required, non-empty string field, stripped; 400 `invalid_request` otherwise."""
+    value = body.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest(f"'{name}' is required and must be a non-empty string.")
+    value = value.strip()
+    if len(value) > max_length:
+        raise BadRequest(f"'{name}' must be at most {max_length} characters.")
+    return value
+
+
+def choice_field(body: dict[str, Any], name: str, choices: tuple[str, ...], default: str) -> str:
+    """A string field that must be one of `choices` (default when absent)."""
+    value = body.get(name, default)
+    if value not in choices:
+        raise BadRequest(f"'{name}' must be one of: {', '.join(choices)}.")
+    return str(value)
+
+
+def int_field(body: dict[str, Any], name: str, *, low: int, high: int) -> int:
+    """A required whole number in [low, high]."""
+    value = body.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadRequest(f"'{name}' is required and must be a whole number.")
+    if not low <= value <= high:
+        raise BadRequest(f"'{name}' must be between {low} and {high}.")
+    return value
