@@ -9,7 +9,7 @@ import sys
 from gateway import admin
 from gateway import config as gateway_config
 from gateway.database import connect
-from gateway.logs import setup_logging
+from gateway.logs import flush, setup_logging
 from gateway.server import apply_migrations, serve, with_database
 
 
@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     key_cmd.add_argument("--email", required=True)
     key_cmd.add_argument("--organization-name", default="My organization")
+    key_cmd.add_argument(
+        "--credits-usd", type=float, default=0.0, help="credits to grant the new organization"
+    )
     return parser.parse_args(argv)
 
 
@@ -47,17 +50,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"applied migrations: {applied or 'none pending'}")
         return 0
     asyncio.run(apply_migrations(config))
-    new = asyncio.run(_create_key(config, args.email, args.organization_name))
+    new = asyncio.run(_create_key(config, args.email, args.organization_name, args.credits_usd))
     print(f"organization {new.organization_id}, user {new.user_id}")
     print(f"API key (shown once): {new.token}")
     return 0
 
 
-async def _create_key(config: gateway_config.Config, email: str, name: str) -> admin.NewKey:
+async def _create_key(
+    config: gateway_config.Config, email: str, name: str, credits_usd: float
+) -> admin.NewKey:
     assert config.database_url is not None
     async with connect(config.database_url) as conn:
-        return await admin.create_key(conn, email, name)
+        return await admin.create_key(conn, email, name, credits_usd)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    finally:
+        flush()
+    sys.exit(status)

@@ -21,8 +21,11 @@ class NewKey:
     token: str
 
 
-async def create_key(conn: asyncpg.Connection, email: str, organization_name: str) -> NewKey:
-    """Ensure the user, create an organization they own, and issue a key bound to it."""
+async def create_key(
+    conn: asyncpg.Connection, email: str, organization_name: str, credits_usd: float = 0.0
+) -> NewKey:
+    """Ensure the user, create an organization they own (with `credits_usd` of credits
+    through the ledger, as a purchase would), and issue a key bound to it."""
     async with conn.transaction():
         user_id: str = await conn.fetchval(
             """INSERT INTO users (id, email) VALUES ($1, $2)
@@ -39,6 +42,13 @@ async def create_key(conn: asyncpg.Connection, email: str, organization_name: st
             organization_id,
             user_id,
         )
+        if credits_usd > 0:
+            await conn.execute(
+                "INSERT INTO credit_transactions (organization_id, amount_microdollars,"
+                " description) VALUES ($1::uuid, $2, 'Granted by create-key')",
+                organization_id,
+                round(credits_usd * 1_000_000),
+            )
         token = "kilo_" + secrets.token_urlsafe(32)
         await conn.execute(
             "INSERT INTO api_keys (user_id, key_hash, organization_id) VALUES ($1, $2, $3::uuid)",

@@ -18,6 +18,7 @@ from aiohttp import web
 from gateway import (
     billing,
     invitations,
+    logs,
     mailer,
     organizations,
     queries,
@@ -65,7 +66,9 @@ def create_app(config: Config) -> web.Application:
         on_charged=app[CACHE].evict_organizations,
     )
     # Cleanup runs in reverse: charges are flushed before the pool closes.
-    app.cleanup_ctx.extend([database_pool, upstream_session, usage_ledger, change_listener])
+    app.cleanup_ctx.extend(
+        [log_flusher, database_pool, upstream_session, usage_ledger, change_listener]
+    )
     setup_routes(app)
     # The billing side: each module registers its own routes and background tasks.
     for module in (organizations, invitations, billing, webhooks, mailer, reminders):
@@ -106,6 +109,22 @@ def build_cache(app: web.Application, config: Config) -> FactsCache:
         ttl_seconds=config.entitlement_cache_ttl_seconds,
         negative_ttl_seconds=config.negative_cache_ttl_seconds,
     )
+
+
+async def log_flusher(_app: web.Application) -> AsyncIterator[None]:
+    """Flush buffered log lines a few times a second, and once more at the very end."""
+
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(logs.FLUSH_INTERVAL_SECONDS)
+            logs.flush()
+
+    task = asyncio.create_task(flush_forever(), name="log-flusher")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    logs.flush()
 
 
 async def database_pool(app: web.Application) -> AsyncIterator[None]:

@@ -8,6 +8,7 @@ becomes a 500 whose body says nothing of the internals (the log has the tracebac
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -40,9 +41,15 @@ _HTTP_ERRORS: dict[int, GatewayError] = {
 }
 
 
+# A random prefix per process and a counter: unique across processes and restarts
+# without a system call per request.
+_REQUEST_ID_PREFIX = "req_" + os.urandom(8).hex()
+_request_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
     """A unique id for the request, sent back as X-Request-Id."""
-    return "req_" + os.urandom(12).hex()
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):x}"
 
 
 def route_of(request: web.Request) -> str:

@@ -158,6 +158,10 @@ async def relay(
         reason=upstream.reason,
         headers=relay_headers(upstream.headers, ctx.request_id),
     )
+    if upstream.content_length is not None:
+        # The bytes pass through unchanged, so the length holds, and the response
+        # needs no chunked framing.
+        response.content_length = upstream.content_length
     if would_block is not None:
         response.headers[WOULD_BLOCK_HEADER] = would_block
     meter = charge.meter if charge is not None else None
