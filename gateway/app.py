@@ -20,15 +20,17 @@ from gateway import (
     invitations,
     logs,
     mailer,
+    metrics,
     organizations,
     queries,
     reminders,
     webhooks,
 )
-from gateway.appkeys import CACHE, CONFIG, LEDGER, LISTENER, POOL, UPSTREAM
+from gateway.appkeys import CACHE, CONFIG, LEDGER, LISTENER, POOL, QUERIES, UPSTREAM
 from gateway.cache import FactsCache
 from gateway.config import Config
-from gateway.database import create_pool, run_query
+from gateway.database import QueryLimiter, create_pool
+from gateway.errors import DatabaseUnavailable
 from gateway.health import healthz, readyz
 from gateway.listener import ChangeListener
 from gateway.metrics import metrics_handler
@@ -54,9 +56,14 @@ def create_app(config: Config) -> web.Application:
         raise ValueError("create_app needs config.database_url; start the database first")
     app = web.Application(middlewares=[gateway_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
+    app[QUERIES] = QueryLimiter(config.database_max_pending_queries)
     app[CACHE] = build_cache(app, config)
     app[LISTENER] = ChangeListener(
-        config.database_url, on_change=app[CACHE].apply_change, on_reset=app[CACHE].clear
+        config.database_url,
+        on_change=app[CACHE].apply_change,
+        on_reset=app[CACHE].revalidate_all,
+        # The database answers again: stop failing fast.
+        on_connected=app[QUERIES].resume,
     )
     app[LEDGER] = UsageLedger(
         spool_dir=config.usage_spool_dir,
@@ -88,18 +95,19 @@ def setup_routes(app: web.Application) -> None:
 def build_cache(app: web.Application, config: Config) -> FactsCache:
     """The facts cache, loading through the pool the `database_pool` context opens."""
     timeout = config.database_query_timeout_seconds
+    limiter = app[QUERIES]
 
     async def load_key(key_hash: str) -> ApiKey | None:
-        return await run_query(app[POOL], timeout, queries.fetch_api_key, key_hash)
+        return await limiter.run(app[POOL], timeout, queries.fetch_api_key, key_hash)
 
     async def load_role(org_and_user: tuple[str, str]) -> str | None:
-        return await run_query(app[POOL], timeout, queries.fetch_role, *org_and_user)
+        return await limiter.run(app[POOL], timeout, queries.fetch_role, *org_and_user)
 
     async def load_user_orgs(user_id: str) -> tuple[str, ...]:
-        return await run_query(app[POOL], timeout, queries.fetch_user_organizations, user_id)
+        return await limiter.run(app[POOL], timeout, queries.fetch_user_organizations, user_id)
 
     async def load_facts(organization_id: str) -> OrgFacts | None:
-        return await run_query(app[POOL], timeout, queries.fetch_org_facts, organization_id)
+        return await limiter.run(app[POOL], timeout, queries.fetch_org_facts, organization_id)
 
     return FactsCache(
         load_key=load_key,
@@ -108,6 +116,9 @@ def build_cache(app: web.Application, config: Config) -> FactsCache:
         load_facts=load_facts,
         ttl_seconds=config.entitlement_cache_ttl_seconds,
         negative_ttl_seconds=config.negative_cache_ttl_seconds,
+        stale_seconds=config.stale_if_error_seconds,
+        stale_on=(DatabaseUnavailable,),
+        on_stale_facts=metrics.CACHE_STALE.inc,
     )
 
 

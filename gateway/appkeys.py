@@ -9,11 +9,13 @@ from aiohttp import web
 from gateway.cache import FactsCache
 from gateway.config import Config
 from gateway.context import RequestContext
+from gateway.database import QueryLimiter
 from gateway.listener import ChangeListener
 from gateway.usage import UsageLedger
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
+QUERIES = web.AppKey("queries", QueryLimiter)
 CACHE = web.AppKey("cache", FactsCache)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 LISTENER = web.AppKey("listener", ChangeListener)

@@ -5,11 +5,18 @@ organizations, and each organization's entitlement facts (never verdicts: the ru
 on every request against the current time). Entries live `ENTITLEMENT_CACHE_TTL_SECONDS`;
 a NOTIFY evicts what it names sooner (see `listener.py`). Unknown tokens are remembered
 for `NEGATIVE_CACHE_TTL_SECONDS` so a flood of bad keys cannot flood PostgreSQL.
+
+When PostgreSQL is down, what was cached keeps serving for `STALE_IF_ERROR_SECONDS` past
+its TTL (the rule still runs on those facts at the request's instant); what was never
+cached gets a 503. When notifications may have been missed, entries are not dropped but
+marked for revalidation, so an outage does not empty the cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, Generic, TypeVar
 
@@ -25,10 +32,18 @@ MISSING: Any = object()
 DEFAULT_MAXSIZE = 100_000
 
 
+@dataclasses.dataclass(slots=True)
+class _Entry(Generic[V]):
+    value: V
+    loaded_at: float  # time.monotonic() when read from the database
+
+
 class Lookup(Generic[K, V]):
     """A TTL cache in front of one loader; concurrent misses for one key share one load.
 
     `None` from the loader means "does not exist" and is kept for `negative_ttl_seconds`.
+    Found values stay `stale_seconds` past their TTL: when a reload fails with one of
+    `stale_on` (the database is down), the last known value is served instead of an error.
     """
 
     def __init__(
@@ -37,21 +52,33 @@ class Lookup(Generic[K, V]):
         *,
         ttl_seconds: float,
         negative_ttl_seconds: float | None = None,
+        stale_seconds: float = 0.0,
+        stale_on: tuple[type[BaseException], ...] = (),
+        on_stale: Callable[[], None] = lambda: None,
         maxsize: int = DEFAULT_MAXSIZE,
     ) -> None:
         self._load = load
-        self._found: TTLCache[K, V] = TTLCache(maxsize, ttl_seconds)
+        self._ttl = ttl_seconds
+        self._found: TTLCache[K, _Entry[V]] = TTLCache(maxsize, ttl_seconds + stale_seconds)
         self._absent: TTLCache[K, bool] = TTLCache(maxsize, negative_ttl_seconds or ttl_seconds)
+        self._stale_on = stale_on
+        self._on_stale = on_stale
         self._inflight: dict[K, asyncio.Future[V | None]] = {}
         # Bumped by every eviction: a load that started before it may have read the old
         # row, so its answer is handed to its waiters but not kept.
         self._generation = 0
+        # Entries read before this instant must be read again before they are trusted.
+        self._confirmed_after = float("-inf")
 
     def cached(self, key: K) -> V | None:
-        """The cached value, None when cached as absent, or `MISSING` when not cached."""
-        value = self._found.get(key, MISSING)
-        if value is not MISSING:
-            return value
+        """The fresh cached value, None when cached as absent, or `MISSING`."""
+        entry = self._found.get(key)
+        if (
+            entry is not None
+            and entry.loaded_at >= self._confirmed_after
+            and time.monotonic() - entry.loaded_at < self._ttl
+        ):
+            return entry.value
         if key in self._absent:
             return None
         return MISSING
@@ -80,6 +107,12 @@ class Lookup(Generic[K, V]):
     async def _load_and_store(self, key: K, generation: int) -> V | None:
         try:
             value = await self._load(key)
+        except self._stale_on:
+            entry = self._found.get(key)
+            if entry is None:
+                raise
+            self._on_stale()
+            return entry.value
         finally:
             if self._inflight.get(key) is asyncio.current_task():
                 del self._inflight[key]
@@ -89,12 +122,14 @@ class Lookup(Generic[K, V]):
 
     def _store(self, key: K, value: V | None) -> None:
         if value is None:
+            self._found.pop(key, None)
             self._absent[key] = True
         else:
-            self._found[key] = value
+            self._absent.pop(key, None)
+            self._found[key] = _Entry(value, time.monotonic())
 
     def evict(self, key: K) -> None:
-        """Forget `key`, found or absent."""
+        """Forget `key`, found or absent: it is known to have changed."""
         self._generation += 1
         self._found.pop(key, None)
         self._absent.pop(key, None)
@@ -105,7 +140,7 @@ class Lookup(Generic[K, V]):
         """Forget every found entry for which `predicate(key, value)` holds."""
         self._generation += 1
         self._inflight.clear()
-        for key in [k for k, v in list(self._found.items()) if predicate(k, v)]:
+        for key in [k for k, e in list(self._found.items()) if predicate(k, e.value)]:
             self._found.pop(key, None)
 
     def forget_absent(self) -> None:
@@ -113,6 +148,17 @@ class Lookup(Generic[K, V]):
         self._generation += 1
         self._inflight.clear()
         self._absent.clear()
+
+    def revalidate_all(self) -> None:
+        """Distrust everything cached until it is read again, but keep it for outages.
+
+        Used when change notifications may have been missed: an outage then serves the
+        last known values (stale-if-error) instead of failing every request.
+        """
+        self._generation += 1
+        self._inflight.clear()
+        self._absent.clear()
+        self._confirmed_after = time.monotonic()
 
     def clear(self) -> None:
         """Forget everything."""
@@ -137,15 +183,21 @@ class FactsCache:
         load_facts: Callable[[str], Awaitable[OrgFacts | None]],
         ttl_seconds: float,
         negative_ttl_seconds: float,
+        stale_seconds: float = 0.0,
+        stale_on: tuple[type[BaseException], ...] = (),
+        on_stale_facts: Callable[[], None] = lambda: None,
     ) -> None:
+        common: dict[str, Any] = {
+            "ttl_seconds": ttl_seconds,
+            "stale_seconds": stale_seconds,
+            "stale_on": stale_on,
+        }
         self.keys: Lookup[str, ApiKey] = Lookup(
-            load_key, ttl_seconds=ttl_seconds, negative_ttl_seconds=negative_ttl_seconds
+            load_key, negative_ttl_seconds=negative_ttl_seconds, **common
         )
-        self.roles: Lookup[tuple[str, str], str] = Lookup(load_role, ttl_seconds=ttl_seconds)
-        self.user_orgs: Lookup[str, tuple[str, ...]] = Lookup(
-            load_user_orgs, ttl_seconds=ttl_seconds
-        )
-        self.facts: Lookup[str, OrgFacts] = Lookup(load_facts, ttl_seconds=ttl_seconds)
+        self.roles: Lookup[tuple[str, str], str] = Lookup(load_role, **common)
+        self.user_orgs: Lookup[str, tuple[str, ...]] = Lookup(load_user_orgs, **common)
+        self.facts: Lookup[str, OrgFacts] = Lookup(load_facts, on_stale=on_stale_facts, **common)
 
     def apply_change(self, change: dict[str, Any]) -> None:
         """Evict what a `gateway_changes` notification names; clear all when unsure."""
@@ -170,7 +222,15 @@ class FactsCache:
         for organization_id in organization_ids:
             self.facts.evict(organization_id)
 
+    def revalidate_all(self) -> None:
+        """Notifications may have been missed: read everything again before trusting it."""
+        for lookup in self._lookups():
+            lookup.revalidate_all()
+
     def clear(self) -> None:
-        """Forget everything (notifications may have been missed)."""
-        for lookup in (self.keys, self.roles, self.user_orgs, self.facts):
+        """Forget everything."""
+        for lookup in self._lookups():
             lookup.clear()
+
+    def _lookups(self) -> tuple[Lookup[Any, Any], ...]:
+        return (self.keys, self.roles, self.user_orgs, self.facts)

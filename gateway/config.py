@@ -48,6 +48,7 @@ class Config:
     trial_days: int
     entitlement_cache_ttl_seconds: float
     negative_cache_ttl_seconds: float
+    stale_if_error_seconds: float
     enforcement_mode: EnforcementMode
     log_level: str
     upstream_timeout_seconds: float
@@ -56,6 +57,7 @@ class Config:
     database_pool_min_size: int
     database_pool_max_size: int
     database_query_timeout_seconds: float
+    database_max_pending_queries: int
     auto_migrate: bool
     shutdown_timeout_seconds: float
     embedded_data_dir: Path
@@ -121,6 +123,7 @@ def from_env(
         trial_days=reader.int("TRIAL_DAYS", low=0, high=3650),
         entitlement_cache_ttl_seconds=reader.float("ENTITLEMENT_CACHE_TTL_SECONDS", low=0.001),
         negative_cache_ttl_seconds=reader.float("NEGATIVE_CACHE_TTL_SECONDS", low=0.001),
+        stale_if_error_seconds=reader.float("STALE_IF_ERROR_SECONDS", low=0),
         enforcement_mode=reader.choice("ENFORCEMENT_MODE", EnforcementMode),
         log_level=reader.one_of("LOG_LEVEL", LOG_LEVELS),
         upstream_timeout_seconds=reader.float("UPSTREAM_TIMEOUT_SECONDS", low=0.001),
@@ -129,6 +132,9 @@ def from_env(
         database_pool_min_size=reader.int("DATABASE_POOL_MIN_SIZE", low=0, high=1000),
         database_pool_max_size=reader.int("DATABASE_POOL_MAX_SIZE", low=1, high=1000),
         database_query_timeout_seconds=reader.float("DATABASE_QUERY_TIMEOUT_SECONDS", low=0.01),
+        database_max_pending_queries=reader.int(
+            "DATABASE_MAX_PENDING_QUERIES", low=1, high=100_000
+        ),
         auto_migrate=reader.bool("AUTO_MIGRATE"),
         shutdown_timeout_seconds=reader.float("SHUTDOWN_TIMEOUT_SECONDS", low=0),
         embedded_data_dir=Path(reader.required_str("EMBEDDED_DATA_DIR")),

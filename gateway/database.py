@@ -8,6 +8,7 @@ the tests need nothing installed by hand.
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from gateway.errors import DatabaseUnavailable
 
 log = structlog.get_logger("gateway.database")
 T = TypeVar("T")
+_UNREACHABLE = "The gateway cannot reach its database right now; retry shortly."
 
 # Failures that mean "the database did not answer", as opposed to a bug in a query.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -54,10 +56,7 @@ def unavailable_as_gateway_error() -> Iterator[None]:
     try:
         yield
     except UNAVAILABLE_ERRORS as exc:
-        raise DatabaseUnavailable(
-            "The gateway cannot reach its database right now; retry shortly.",
-            headers={"Retry-After": "5"},
-        ) from exc
+        raise DatabaseUnavailable(_UNREACHABLE, headers={"Retry-After": "5"}) from exc
 
 
 async def create_pool(
@@ -84,6 +83,50 @@ async def connect(dsn: str, timeout_seconds: float = 10.0) -> AsyncIterator[asyn
         yield conn
     finally:
         await conn.close()
+
+
+class QueryLimiter:
+    """Caps the queries waiting on the database at once, and pauses after a failure.
+
+    Past the cap a request gets 503 at once: a slow database would otherwise gather every
+    cache miss into an ever longer queue. After the database fails to answer, queries are
+    not tried again for `retry_after_failure_seconds`, so a request that can be served
+    from stale cache entries is not held up by a doomed connection attempt first.
+    """
+
+    def __init__(self, limit: int, retry_after_failure_seconds: float = 1.0) -> None:
+        self._limit = limit
+        self._retry_after_failure_seconds = retry_after_failure_seconds
+        self._paused_until = 0.0
+        self.in_flight = 0
+
+    async def run(
+        self,
+        pool: asyncpg.Pool,
+        timeout_seconds: float,
+        query: Callable[..., Awaitable[T]],
+        *args: Any,
+    ) -> T:
+        """`run_query`, unless the database just failed or `limit` queries are waiting."""
+        if time.monotonic() < self._paused_until:
+            raise DatabaseUnavailable(_UNREACHABLE, headers={"Retry-After": "5"})
+        if self.in_flight >= self._limit:
+            raise DatabaseUnavailable(
+                "The gateway's database is overloaded; retry shortly.",
+                headers={"Retry-After": "1"},
+            )
+        self.in_flight += 1
+        try:
+            return await run_query(pool, timeout_seconds, query, *args)
+        except DatabaseUnavailable:
+            self._paused_until = time.monotonic() + self._retry_after_failure_seconds
+            raise
+        finally:
+            self.in_flight -= 1
+
+    def resume(self) -> None:
+        """The database answers again (the listener reconnected): stop pausing."""
+        self._paused_until = 0.0
 
 
 async def run_query(

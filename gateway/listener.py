@@ -30,12 +30,14 @@ class ChangeListener:
         *,
         on_change: Callable[[dict[str, Any]], None],
         on_reset: Callable[[], None],
+        on_connected: Callable[[], None] = lambda: None,
         check_interval_seconds: float = 1.0,
         max_backoff_seconds: float = 5.0,
     ) -> None:
         self._dsn = dsn
         self._on_change = on_change
         self._on_reset = on_reset
+        self._on_connected = on_connected
         self._check_interval_seconds = check_interval_seconds
         self._max_backoff_seconds = max_backoff_seconds
         self.connected = asyncio.Event()
@@ -61,6 +63,7 @@ class ChangeListener:
             await conn.add_listener(CHANNEL, self._notified)
             # Anything cached before LISTEN began may have missed a change.
             self._on_reset()
+            self._on_connected()
             self.connected.set()
             log.info("listen_connected", channel=CHANNEL)
             await self._watch(conn, lost)

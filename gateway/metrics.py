@@ -50,7 +50,8 @@ UPSTREAM_TTFB = Histogram(
 )
 ENTITLEMENT_CACHE = Counter(
     "gateway_entitlement_cache_total",
-    "Organization entitlement fact lookups, by result (hit or miss).",
+    "Organization entitlement fact lookups, by result: hit, miss, or stale (served past"
+    " the TTL because the database did not answer).",
     ["result"],
 )
 ACTIVE_STREAMS = Gauge(
@@ -77,6 +78,7 @@ USAGE_FLUSH_SECONDS = Histogram(
 
 CACHE_HIT = ENTITLEMENT_CACHE.labels(result="hit")
 CACHE_MISS = ENTITLEMENT_CACHE.labels(result="miss")
+CACHE_STALE = ENTITLEMENT_CACHE.labels(result="stale")
 
 # labels() costs a lock and a dict lookup; requests reuse the children they made.
 _request_children: dict[tuple[str, str, int], Counter] = {}
