@@ -1,4 +1,4 @@
-"""Command line: `python -m gateway serve|migrate`."""
+"""Command line: `python -m gateway serve|migrate|create-key|stripe-setup`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import sys
 from gateway import admin
 from gateway import config as gateway_config
 from gateway.database import connect
+from gateway.errors import GatewayError
 from gateway.logs import flush, setup_logging
 from gateway.server import apply_migrations, serve, with_database
+from gateway.stripe_setup import run_stripe_setup
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,6 +30,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     key_cmd.add_argument(
         "--credits-usd", type=float, default=0.0, help="credits to grant the new organization"
     )
+    commands.add_parser(
+        "stripe-setup",
+        help="create the plans' Stripe products and prices (idempotent; needs STRIPE_SECRET_KEY)",
+    )
     return parser.parse_args(argv)
 
 
@@ -44,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             print("gateway: --workers must be at least 1", file=sys.stderr)
             return 2
         return serve(config, args.workers)
+    if args.command == "stripe-setup":
+        return _stripe_setup(config)
     config, _embedded = with_database(config)
     if args.command == "migrate":
         applied = asyncio.run(apply_migrations(config, target=args.target))
@@ -54,6 +62,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"organization {new.organization_id}, user {new.user_id}")
     print(f"API key (shown once): {new.token}")
     return 0
+
+
+def _stripe_setup(config: gateway_config.Config) -> int:
+    if not config.stripe_configured:
+        print(
+            "gateway: stripe-setup needs STRIPE_SECRET_KEY (a Stripe secret key, "
+            "sk_test_... or sk_live_...)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        report = asyncio.run(run_stripe_setup(config))
+    except GatewayError as exc:
+        print(f"gateway: stripe-setup failed: {exc.message} ({exc.__cause__})", file=sys.stderr)
+        return 1
+    for line in report.lines:
+        print(line)
+    print(f"stripe-setup: {report.created} created, {report.mismatched} differing from config")
+    return 1 if report.mismatched else 0
 
 
 async def _create_key(

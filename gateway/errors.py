@@ -2,16 +2,20 @@
 
     GatewayError                      any refusal the gateway makes itself
     ├── BadRequest (400)              organization_required, invalid_organization_id, invalid_path,
-    │                                 invalid_request
+    │                                 invalid_request, invalid_json, sso_requires_enterprise
     ├── InvalidApiKey (401)           invalid_api_key
-    ├── Forbidden (403)               not_a_member
-    ├── NotFound (404)                not_found
+    ├── Forbidden (403)               not_a_member, insufficient_role, invitation_email_mismatch
+    ├── NotFound (404)                not_found, invitation_not_found, member_not_found
     ├── MethodNotAllowed (405)        method_not_allowed
+    ├── Conflict (409)                seats_exhausted, last_owner, already_a_member
+    ├── Gone (410)                    invitation_expired
     ├── PaymentRequired (402)         trial_expired, subscription_inactive, seats_exceeded
     ├── PayloadTooLarge (413)         payload_too_large
     ├── UpstreamUnreachable (502)     upstream_unreachable
+    ├── BillingProviderError (502)    billing_provider_error
     ├── UpstreamPaymentRequired (503) upstream_payment_required
     ├── DatabaseUnavailable (503)     database_unavailable
+    ├── BillingUnavailable (503)      billing_unavailable
     ├── UpstreamTimeout (504)         upstream_timeout
     └── InternalError (500)           internal_error
 
@@ -21,8 +25,9 @@ it as it shows theirs:
     {"error": {"code": 402, "message": "...", "metadata": {"reason": "...", ...}},
      "error_type": "<reason>"}
 
-Third-party exceptions become these in exactly two places: `database.py` for asyncpg
-and `proxy.py` for the upstream client; `middleware.py` maps the tree to HTTP.
+Third-party exceptions become these in exactly three places: `database.py` for asyncpg,
+`proxy.py` for the upstream client and `stripe_client.py` for Stripe; `middleware.py`
+maps the tree to HTTP.
 """
 
 from __future__ import annotations
@@ -110,6 +115,16 @@ class MethodNotAllowed(GatewayError):
     default_reason = "method_not_allowed"
 
 
+class Conflict(GatewayError):
+    status = 409
+    default_reason = "conflict"
+
+
+class Gone(GatewayError):
+    status = 410
+    default_reason = "gone"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     default_reason = "payload_too_large"
@@ -123,6 +138,20 @@ class InternalError(GatewayError):
 class UpstreamUnreachable(GatewayError):
     status = 502
     default_reason = "upstream_unreachable"
+
+
+class BillingProviderError(GatewayError):
+    """Stripe failed or refused a request the gateway made for the caller."""
+
+    status = 502
+    default_reason = "billing_provider_error"
+
+
+class BillingUnavailable(GatewayError):
+    """Billing cannot be offered: Stripe is not configured (or not set up) on this gateway."""
+
+    status = 503
+    default_reason = "billing_unavailable"
 
 
 class UpstreamPaymentRequired(GatewayError):

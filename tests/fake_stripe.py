@@ -1,0 +1,381 @@
+"""A real aiohttp server that speaks enough of Stripe's REST API for the gateway's tests.
+
+The real `stripe` library talks to it (`STRIPE_API_BASE` points here): form-encoded
+POSTs to create customers, Checkout Sessions, products and prices; GETs to list prices
+by lookup key, list products and retrieve subscriptions. Like Stripe it replays the
+first answer to a repeated `Idempotency-Key` and refuses the key when the parameters
+differ. Every request is recorded with its decoded parameters and headers.
+
+Also here: builders for the Stripe-shaped subscription and event objects the webhook
+tests sign and deliver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp import web
+
+from gateway.plans import Catalog
+
+API_VERSION = "2026-10-28.endive"
+# The secrets a test gateway is configured with; the fake accepts any `sk_` key.
+SECRET_KEY = "sk_test_gateway_0123456789abcdefSECRET"
+WEBHOOK_SECRET = "whsec_test_0123456789abcdef"
+_BRACKETS = re.compile(r"\[([^\]]*)\]")
+_ids = itertools.count(1)
+
+
+def new_id(prefix: str) -> str:
+    """A Stripe-looking object id, unique in this process."""
+    return f"{prefix}_test{next(_ids):012d}"
+
+
+def decode_form(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Stripe's bracket encoding (`line_items[0][price]=p`) back into nested dicts and lists."""
+    root: dict[str, Any] = {}
+    for key, value in pairs:
+        tokens = [key.split("[", 1)[0], *_BRACKETS.findall(key)]
+        node = root
+        for token in tokens[:-1]:
+            node = node.setdefault(token or str(len(node)), {})
+        node[tokens[-1] or str(len(node))] = value
+    result: dict[str, Any] = _listify(root)
+    return result
+
+
+def _listify(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return node
+    items = {k: _listify(v) for k, v in node.items()}
+    if items and all(k.isdigit() for k in items):
+        return [items[k] for k in sorted(items, key=int)]
+    return items
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedRequest:
+    """One request the fake received: what was asked, with which key and idempotency key."""
+
+    method: str
+    path: str
+    params: dict[str, Any]
+    idempotency_key: str | None
+    authorization: str | None
+
+
+@dataclasses.dataclass
+class FakeStripe:
+    """What the fake holds: objects by id, requests received, failures to serve next."""
+
+    customers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    products: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    prices: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    sessions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    subscriptions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    requests: list[RecordedRequest] = dataclasses.field(default_factory=list)
+    # (status, Stripe error object) answered to the next requests, in order.
+    failures: list[tuple[int, dict[str, Any]]] = dataclasses.field(default_factory=list)
+    _replays: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = dataclasses.field(
+        default_factory=dict
+    )
+
+    def requests_to(self, method: str, path: str) -> list[RecordedRequest]:
+        """The recorded requests with this method and path."""
+        return [r for r in self.requests if r.method == method and r.path == path]
+
+    def fail_next(self, status: int, error_type: str, message: str, code: str = "") -> None:
+        """Answer the next request with a Stripe error."""
+        self.failures.append((status, {"type": error_type, "message": message, "code": code}))
+
+    def add_subscription(self, subscription: dict[str, Any]) -> None:
+        """Make a subscription retrievable by its id."""
+        self.subscriptions[subscription["id"]] = subscription
+
+    def add_price(self, **fields: Any) -> dict[str, Any]:
+        """Store a price as `stripe-setup` would have created it; returns it."""
+        price = {"id": new_id("price"), "object": "price", "active": True, **fields}
+        self.prices[price["id"]] = price
+        return price
+
+
+FAKE = web.AppKey("fake_stripe", FakeStripe)
+PARAMS = web.RequestKey("params", dict)
+
+
+def error_response(status: int, error: dict[str, Any]) -> web.Response:
+    """A Stripe error body (`{"error": {...}}`) with `status`."""
+    return web.json_response({"error": error}, status=status)
+
+
+def stripe_list(url: str, data: list[dict[str, Any]]) -> dict[str, Any]:
+    """A Stripe list object."""
+    return {"object": "list", "url": url, "has_more": False, "data": data}
+
+
+@web.middleware
+async def stripe_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Record the request, serve queued failures, and replay repeated idempotency keys."""
+    fake = request.app[FAKE]
+    form = await request.post() if request.method == "POST" else request.query
+    params = decode_form((k, str(v)) for k, v in form.items())
+    key = request.headers.get("Idempotency-Key")
+    fake.requests.append(
+        RecordedRequest(
+            request.method, request.path, params, key, request.headers.get("Authorization")
+        )
+    )
+    request[PARAMS] = params
+    if fake.failures:
+        return error_response(*fake.failures.pop(0))
+    if not (request.headers.get("Authorization") or "").startswith("Bearer sk_"):
+        return error_response(401, {"type": "invalid_request_error", "message": "No API key."})
+    if request.method != "POST" or key is None:
+        return await handler(request)
+    return await _idempotent(fake, request, handler, key, params)
+
+
+async def _idempotent(
+    fake: FakeStripe, request: web.Request, handler: Any, key: str, params: dict[str, Any]
+) -> web.StreamResponse:
+    replay = fake._replays.get(key)
+    if replay is not None:
+        if replay[0] != params:
+            message = "Keys for idempotent requests can only be used with the same parameters."
+            return error_response(400, {"type": "idempotency_error", "message": message})
+        return web.json_response(replay[2], status=replay[1], headers={"Idempotent-Replayed": "1"})
+    response = await handler(request)
+    assert isinstance(response, web.Response) and response.text is not None
+    fake._replays[key] = (params, response.status, json.loads(response.text))
+    return response
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+async def create_customer(request: web.Request) -> web.Response:
+    params = request[PARAMS]
+    customer = {
+        "id": new_id("cus"),
+        "object": "customer",
+        "created": _now(),
+        "name": params.get("name"),
+        "email": params.get("email"),
+        "metadata": params.get("metadata", {}),
+    }
+    request.app[FAKE].customers[customer["id"]] = customer
+    return web.json_response(customer)
+
+
+async def create_session(request: web.Request) -> web.Response:
+    params = request[PARAMS]
+    session_id = new_id("cs")
+    session = {
+        "id": session_id,
+        "object": "checkout.session",
+        "url": f"https://checkout.stripe.test/c/pay/{session_id}",
+        "status": "open",
+        "payment_status": "unpaid",
+        "subscription": None,
+        "payment_intent": None,
+        **{k: v for k, v in params.items() if k not in ("line_items",)},
+    }
+    request.app[FAKE].sessions[session_id] = session
+    return web.json_response(session)
+
+
+async def create_product(request: web.Request) -> web.Response:
+    params = request[PARAMS]
+    product = {
+        "id": params.get("id") or new_id("prod"),
+        "object": "product",
+        "created": _now(),
+        "active": True,
+        "name": params["name"],
+        "metadata": params.get("metadata", {}),
+    }
+    request.app[FAKE].products[product["id"]] = product
+    return web.json_response(product)
+
+
+async def list_products(request: web.Request) -> web.Response:
+    products = list(request.app[FAKE].products.values())
+    return web.json_response(stripe_list("/v1/products", products))
+
+
+async def create_price(request: web.Request) -> web.Response:
+    fake, params = request.app[FAKE], request[PARAMS]
+    lookup_key = params.get("lookup_key")
+    holders = [p for p in fake.prices.values() if lookup_key and p.get("lookup_key") == lookup_key]
+    if holders and params.get("transfer_lookup_key") != "true":
+        message = f"A price ({holders[0]['id']}) already uses that lookup key."
+        return error_response(400, {"type": "invalid_request_error", "message": message})
+    for holder in holders:
+        holder["lookup_key"] = None
+    recurring = params.get("recurring")
+    price = fake.add_price(
+        product=params["product"],
+        currency=params["currency"],
+        unit_amount=int(params["unit_amount"]),
+        recurring=None if recurring is None else {"interval_count": 1, **recurring},
+        type="recurring" if recurring else "one_time",
+        lookup_key=lookup_key,
+        nickname=params.get("nickname"),
+        metadata=params.get("metadata", {}),
+    )
+    return web.json_response(price)
+
+
+async def list_prices(request: web.Request) -> web.Response:
+    lookup_keys = request[PARAMS].get("lookup_keys")
+    prices = [
+        p
+        for p in request.app[FAKE].prices.values()
+        if lookup_keys is None or p.get("lookup_key") in lookup_keys
+    ]
+    return web.json_response(stripe_list("/v1/prices", prices))
+
+
+async def retrieve_subscription(request: web.Request) -> web.Response:
+    subscription_id = request.match_info["subscription_id"]
+    subscription = request.app[FAKE].subscriptions.get(subscription_id)
+    if subscription is None:
+        message = f"No such subscription: '{subscription_id}'"
+        error = {"type": "invalid_request_error", "code": "resource_missing", "message": message}
+        return error_response(404, error)
+    return web.json_response(subscription)
+
+
+def create_fake_stripe_app(fake: FakeStripe | None = None) -> web.Application:
+    """The fake Stripe API as an aiohttp application."""
+    app = web.Application(middlewares=[stripe_middleware])
+    app[FAKE] = fake or FakeStripe()
+    app.router.add_post("/v1/customers", create_customer)
+    app.router.add_post("/v1/checkout/sessions", create_session)
+    app.router.add_post("/v1/products", create_product)
+    app.router.add_get("/v1/products", list_products)
+    app.router.add_post("/v1/prices", create_price)
+    app.router.add_get("/v1/prices", list_prices)
+    app.router.add_get("/v1/subscriptions/{subscription_id}", retrieve_subscription)
+    return app
+
+
+@dataclasses.dataclass
+class RunningFakeStripe:
+    """A started fake Stripe: its base URL and what it holds."""
+
+    runner: web.AppRunner
+    url: str
+    state: FakeStripe
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_fake_stripe() -> RunningFakeStripe:
+    """Serve the fake Stripe API on an ephemeral loopback port."""
+    app = create_fake_stripe_app()
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    return RunningFakeStripe(runner, f"http://127.0.0.1:{port}", app[FAKE])
+
+
+def stripe_env(running: RunningFakeStripe, **overrides: Any) -> dict[str, Any]:
+    """Gateway settings that point it at this fake Stripe."""
+    return {
+        "STRIPE_SECRET_KEY": SECRET_KEY,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "STRIPE_API_BASE": running.url,
+        **overrides,
+    }
+
+
+def add_catalog_prices(fake: FakeStripe, catalog: Catalog) -> dict[str, str]:
+    """Store every catalog price as stripe-setup would; returns price ids by lookup key."""
+    ids = {}
+    for plan in catalog.plans.values():
+        product = new_id("prod")
+        for price in plan.prices.values():
+            ids[price.lookup_key] = fake.add_price(
+                product=product,
+                currency=catalog.currency,
+                unit_amount=price.unit_amount_cents,
+                recurring={"interval": price.interval, "interval_count": 1},
+                lookup_key=price.lookup_key,
+            )["id"]
+    return ids
+
+
+def subscription_object(
+    *,
+    organization_id: str | None,
+    customer: str = "cus_unknown",
+    status: str = "active",
+    quantity: int = 5,
+    interval: str = "year",
+    period_start: float | None = None,
+    period_end: float | None = None,
+    cancel_at_period_end: bool = False,
+    lookup_key: str = "kilo_teams_seat_yearly",
+    subscription_id: str | None = None,
+) -> dict[str, Any]:
+    """A Stripe subscription as the current API shapes it: the period lives on the item."""
+    start = int(period_start if period_start is not None else time.time() - 60)
+    length = 365 * 86_400 if interval == "year" else 30 * 86_400
+    end = int(period_end if period_end is not None else start + length)
+    sub_id = subscription_id or new_id("sub")
+    item = {
+        "id": new_id("si"),
+        "object": "subscription_item",
+        "quantity": quantity,
+        "current_period_start": start,
+        "current_period_end": end,
+        "subscription": sub_id,
+        "price": {
+            "id": new_id("price"),
+            "object": "price",
+            "lookup_key": lookup_key,
+            "unit_amount": 34800,
+            "currency": "usd",
+            "recurring": {"interval": interval, "interval_count": 1},
+        },
+    }
+    return {
+        "id": sub_id,
+        "object": "subscription",
+        "customer": customer,
+        "status": status,
+        "cancel_at_period_end": cancel_at_period_end,
+        "cancel_at": end if cancel_at_period_end else None,
+        "canceled_at": None,
+        "ended_at": None,
+        "start_date": start,
+        "metadata": {} if organization_id is None else {"organization_id": organization_id},
+        "items": {"object": "list", "has_more": False, "data": [item]},
+    }
+
+
+def event_object(
+    event_type: str, data_object: dict[str, Any], *, created: float | None = None
+) -> dict[str, Any]:
+    """A Stripe event (snapshot payload) wrapping `data_object`."""
+    return {
+        "id": new_id("evt"),
+        "object": "event",
+        "api_version": API_VERSION,
+        "created": int(created if created is not None else time.time()),
+        "type": event_type,
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": None, "idempotency_key": None},
+        "data": {"object": data_object},
+    }
