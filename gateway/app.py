@@ -70,7 +70,7 @@ def create_app(config: Config) -> web.Application:
         batch_size=config.usage_batch_size,
         flush_interval_seconds=config.usage_flush_interval_seconds,
         max_pending=config.usage_max_pending,
-        on_charged=app[CACHE].evict_organizations,
+        on_charged=app[CACHE].revalidate_organizations,
     )
     # Cleanup runs in reverse: charges are flushed before the pool closes.
     app.cleanup_ctx.extend(
@@ -177,7 +177,8 @@ async def usage_ledger(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(ledger.run(pool), name="usage-ledger")
     yield
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    # Whatever happened to the writer, pending charges must still be written or spooled.
+    with contextlib.suppress(BaseException):
         await task
     await ledger.close(pool, timeout_seconds=app[CONFIG].shutdown_timeout_seconds)
 

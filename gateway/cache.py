@@ -136,6 +136,16 @@ class Lookup(Generic[K, V]):
         # Later callers must not join a load that may have read the old row.
         self._inflight.pop(key, None)
 
+    def invalidate(self, key: K) -> None:
+        """`key` may have changed: read it again before trusting it, but keep the old value
+        for an outage (billing facts, unlike keys and memberships, may be served stale)."""
+        self._generation += 1
+        self._inflight.pop(key, None)
+        self._absent.pop(key, None)
+        entry = self._found.get(key)
+        if entry is not None:
+            entry.loaded_at = float("-inf")
+
     def evict_where(self, predicate: Callable[[K, V], bool]) -> None:
         """Forget every found entry for which `predicate(key, value)` holds."""
         self._generation += 1
@@ -213,14 +223,14 @@ class FactsCache:
             self.roles.evict((org, user))
             self.user_orgs.evict(user)
         elif table in ("organizations", "organization_seats_purchases") and org:
-            self.facts.evict(org)
+            self.facts.invalidate(org)
         else:
             self.clear()
 
-    def evict_organizations(self, organization_ids: Iterable[str]) -> None:
-        """Forget the facts of these organizations (this process just charged them)."""
+    def revalidate_organizations(self, organization_ids: Iterable[str]) -> None:
+        """Read these organizations' facts again (this process just charged them)."""
         for organization_id in organization_ids:
-            self.facts.evict(organization_id)
+            self.facts.invalidate(organization_id)
 
     def revalidate_all(self) -> None:
         """Notifications may have been missed: read everything again before trusting it."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
@@ -19,14 +18,11 @@ from gateway.rule import is_free_model
 from gateway.usage import Charge
 
 MICRODOLLARS_PER_USD = 1_000_000
+BIGINT_MAX = 2**63 - 1
 METERED_PATHS = frozenset({"chat/completions", "completions"})
 # A usage line longer than this is not a usage line; stop buffering rather than grow.
 MAX_LINE_BYTES = 1 << 20
 _DATA_PREFIX = b"data:"
-# The request's top-level "model". Found by a scan rather than by decoding the body:
-# Kilo Code sends whole conversations (hundreds of KB), and OpenAI-style clients put
-# "model" first. An escaped quote inside message text cannot match `"model"`.
-_REQUEST_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,512})"')
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,7 +43,8 @@ def usd_to_microdollars(cost: Any) -> int:
         return 0
     if not value.is_finite() or value <= 0:
         return 0
-    return int((value * MICRODOLLARS_PER_USD).to_integral_value(rounding=ROUND_HALF_UP))
+    micro = int((value * MICRODOLLARS_PER_USD).to_integral_value(rounding=ROUND_HALF_UP))
+    return min(micro, BIGINT_MAX)
 
 
 def usage_from_object(obj: Any, model: str | None = None) -> Usage | None:
@@ -153,9 +150,19 @@ class SseUsageReader:
 
 
 def requested_model(body: bytes) -> str | None:
-    """The model a completion request asks for, or None."""
-    match = _REQUEST_MODEL.search(body)
-    return match.group(1).decode("utf-8", "replace") if match else None
+    """The model a completion request asks for, read as the upstream reads it, or None.
+
+    The body is decoded as JSON (a duplicated key resolves as the upstream resolves it,
+    last one wins): a scan for the first "model" could be told one model while the
+    upstream runs another. Only asked when the answer matters (no credit left, or no
+    usage reported), so large conversations are not decoded on every request.
+    """
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    model = obj.get("model") if isinstance(obj, dict) else None
+    return model if isinstance(model, str) else None
 
 
 class Meter:
@@ -189,11 +196,14 @@ class Meter:
     def charge(
         self, *, request_id: str, organization_id: str, user_id: str, status: int, cancelled: bool
     ) -> Charge:
-        """The request's charge: what the upstream reported, nothing for `:free` models."""
+        """The request's charge: what the upstream reported, nothing for `:free` models.
+
+        The model is the one the upstream says it ran, else the one requested.
+        """
         usage = self._reader.usage() if self._reader is not None else None
-        model = self.model() or (usage.model if usage is not None else None)
+        model = usage.model if usage is not None and usage.model else self.model()
         cost = 0 if usage is None or is_free_model(model) else usage.cost_microdollars
-        return Charge(
+        return Charge.make(
             request_id=request_id,
             organization_id=organization_id,
             user_id=user_id,

@@ -52,7 +52,10 @@ GROUP BY u.user_id, users.email ORDER BY cost_microdollars DESC, u.user_id
 def parse_period(query: Any, now: datetime) -> tuple[datetime, datetime]:
     """The `from`/`to` query parameters (ISO 8601; default the last 30 days), or 400."""
     end = _parse_instant(query.get("to"), "to") or now
-    start = _parse_instant(query.get("from"), "from") or end - DEFAULT_PERIOD
+    try:
+        start = _parse_instant(query.get("from"), "from") or end - DEFAULT_PERIOD
+    except OverflowError:
+        raise BadRequest("'to' is too early.", reason="invalid_period") from None
     if start >= end:
         raise BadRequest("'from' must be earlier than 'to'.", reason="invalid_period")
     return start, end

@@ -8,9 +8,13 @@ what it inserted, so a batch retried after an unknown outcome never charges twic
 several processes charging one organization leave exactly the sum.
 
 When PostgreSQL does not answer, charges wait in memory (bounded) and are retried;
-past the bound they are appended to a spool file on local disk, which is replayed once
-the database answers again or at the next start. Each process spools to its own file
-and holds a lock on it while alive, so a replay never reads a file still being written.
+past the bound they are appended to a spool file on local disk (`spool.py`), which is
+replayed once the database answers again, or at the next start. Spooled charges still
+count against the organization's balance until they are written.
+
+The writer never dies: an outage backs off and retries, a deadlock retries, and a batch
+the database refuses for its content is written row by row so that only the offending
+row is set aside (in a `rejected-*.jsonl` file, logged) and the rest are charged.
 """
 
 from __future__ import annotations
@@ -19,21 +23,27 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import fcntl
-import json
-import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import asyncpg
 import structlog
 
 from gateway import metrics
 from gateway.database import UNAVAILABLE_ERRORS
+from gateway.spool import Spool, append_rejected, read_records
 
 log = structlog.get_logger("gateway.usage")
+
+INT4_MAX = 2**31 - 1
+# No single request costs more than this; a larger figure from the upstream is an error,
+# charged at this ceiling (and logged) rather than overflowing the ledger.
+MAX_COST_MICRODOLLARS = 10_000 * 1_000_000
+MAX_MODEL_LENGTH = 300
+# Errors worth retrying as they are: serialization failures and deadlocks.
+_RETRY_SQLSTATE_CLASS = "40"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -51,12 +61,62 @@ class Charge:
     status: int
     cancelled: bool = False
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+    @classmethod
+    def make(
+        cls,
+        *,
+        request_id: str,
+        organization_id: str,
+        user_id: str,
+        model: str | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        cost_microdollars: int,
+        streamed: bool,
+        status: int,
+        cancelled: bool,
+    ) -> Charge:
+        """A charge whose every field fits its column, whatever the upstream reported."""
+        if cost_microdollars > MAX_COST_MICRODOLLARS:
+            log.warning("usage_cost_capped", request_id=request_id, reported=cost_microdollars)
+        return cls(
+            request_id=request_id,
+            organization_id=organization_id,
+            user_id=user_id,
+            model=None if model is None else model.replace("\x00", "")[:MAX_MODEL_LENGTH],
+            prompt_tokens=_clamp_tokens(prompt_tokens),
+            completion_tokens=_clamp_tokens(completion_tokens),
+            cost_microdollars=min(max(cost_microdollars, 0), MAX_COST_MICRODOLLARS),
+            streamed=streamed,
+            status=min(max(status, 0), 999),
+            cancelled=cancelled,
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The charge as a plain record (for the spool)."""
+        return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, line: str) -> Charge:
-        return cls(**json.loads(line))
+    def from_record(cls, record: dict[str, Any]) -> Charge:
+        return cls(**record)
+
+
+def _clamp_tokens(count: int | None) -> int | None:
+    return None if count is None else min(max(count, 0), INT4_MAX)
+
+
+def read_spool(path: Path) -> list[Charge]:
+    """The charges in a spool file (a torn last line is skipped)."""
+    with path.open("r", encoding="utf-8") as f:
+        return _charges(read_records(f))
+
+
+def _charges(records: list[dict[str, Any]]) -> list[Charge]:
+    charges = []
+    for record in records:
+        with contextlib.suppress(TypeError):
+            charges.append(Charge.from_record(record))
+    return charges
 
 
 # One statement: insert what is new, then charge each organization for exactly that.
@@ -88,63 +148,17 @@ SELECT (SELECT count(*) FROM inserted) AS inserted,
 
 
 async def write_batch(conn: asyncpg.Connection, charges: list[Charge]) -> tuple[int, int]:
-    """Write a batch in one transaction; return (rows new to the ledger, microdollars charged)."""
-    columns = list(zip(*(dataclasses.astuple(c) for c in charges), strict=True))
+    """Write a batch in one transaction; return (rows new to the ledger, microdollars charged).
+
+    Rows go in a fixed order (organization, then request) so that two processes writing
+    overlapping batches take their locks in the same order instead of deadlocking.
+    """
+    ordered = sorted(charges, key=lambda c: (c.organization_id, c.request_id))
+    columns = list(zip(*(dataclasses.astuple(c) for c in ordered), strict=True))
     async with conn.transaction():
         row = await conn.fetchrow(_WRITE_BATCH_SQL, *columns)
     assert row is not None
     return int(row["inserted"]), int(row["charged"])
-
-
-class Spool:
-    """An append-only file of charges the database could not take yet, one JSON per line."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.path = directory / f"usage-{os.getpid()}-{time.time_ns()}.jsonl"
-        self._file: IO[str] | None = None
-
-    def append(self, charges: Iterable[Charge]) -> None:
-        """Append and fsync: once this returns, the charges survive a crash."""
-        if self._file is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
-            # Held while this process lives: replays skip files whose writer is alive.
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._file.writelines(c.to_json() + "\n" for c in charges)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def orphans(self) -> list[Path]:
-        """Spool files no live process is writing (ours included once closed)."""
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for path in sorted(self.directory.glob("usage-*.jsonl")):
-            if self._file is not None and path == self.path:
-                continue
-            with path.open("r", encoding="utf-8") as f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                fcntl.flock(f, fcntl.LOCK_UN)
-            found.append(path)
-        return found
-
-
-def read_spool(path: Path) -> list[Charge]:
-    """The charges in a spool file; a torn last line (crash mid-write) is skipped."""
-    charges = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError, TypeError):
-            charges.append(Charge.from_json(line))
-    return charges
 
 
 class UsageLedger:
@@ -160,7 +174,9 @@ class UsageLedger:
         on_charged: Callable[[Iterable[str]], None] = lambda _orgs: None,
     ) -> None:
         self._pending: collections.deque[Charge] = collections.deque()
-        self._pending_by_org: collections.Counter[str] = collections.Counter()
+        # Charged by this process and not in the database yet: queued or spooled.
+        self._unwritten_by_org: collections.Counter[str] = collections.Counter()
+        self._spooled_by_us: dict[str, Charge] = {}
         self._batch_size = batch_size
         self._interval = flush_interval_seconds
         self._max_pending = max_pending
@@ -171,7 +187,7 @@ class UsageLedger:
     def record(self, charge: Charge) -> None:
         """Queue a charge; never blocks and never fails the request."""
         self._pending.append(charge)
-        self._pending_by_org[charge.organization_id] += charge.cost_microdollars
+        self._unwritten_by_org[charge.organization_id] += charge.cost_microdollars
         metrics.USAGE_PENDING.inc()
         if len(self._pending) >= self._batch_size:
             self._wake.set()
@@ -180,31 +196,33 @@ class UsageLedger:
 
     def unwritten_microdollars(self, organization_id: str) -> int:
         """What this process has charged the organization and not yet written."""
-        return self._pending_by_org.get(organization_id, 0)
+        return self._unwritten_by_org.get(organization_id, 0)
 
     def __len__(self) -> int:
         return len(self._pending)
 
     def _pop(self, count: int) -> list[Charge]:
-        """Take up to `count` of the oldest charges off the queue (still counted as unwritten)."""
+        """Take up to `count` of the oldest charges off the queue (still unwritten)."""
         return [self._pending.popleft() for _ in range(min(count, len(self._pending)))]
 
-    def _settle(self, charges: list[Charge]) -> None:
-        """The charges are safely stored (database or spool): stop counting them as unwritten."""
+    def _written(self, charges: Iterable[Charge]) -> None:
+        """The charges are in the database: they no longer lower the cached balance."""
         for charge in charges:
-            left = self._pending_by_org[charge.organization_id] - charge.cost_microdollars
+            left = self._unwritten_by_org[charge.organization_id] - charge.cost_microdollars
             if left:
-                self._pending_by_org[charge.organization_id] = left
+                self._unwritten_by_org[charge.organization_id] = left
             else:
-                del self._pending_by_org[charge.organization_id]
-        metrics.USAGE_PENDING.dec(len(charges))
+                del self._unwritten_by_org[charge.organization_id]
 
     def _spill(self) -> None:
         """Move the oldest charges past the bound to the spool file."""
-        overflow = self._pop(len(self._pending) - self._max_pending // 2)
-        self.spool.append(overflow)
-        self._settle(overflow)
-        log.warning("usage_spooled", charges=len(overflow), path=str(self.spool.path))
+        self._to_spool(self._pop(len(self._pending) - self._max_pending // 2))
+
+    def _to_spool(self, charges: list[Charge]) -> None:
+        self.spool.append(c.record() for c in charges)
+        self._spooled_by_us.update((c.request_id, c) for c in charges)
+        metrics.USAGE_PENDING.dec(len(charges))
+        log.warning("usage_spooled", charges=len(charges), path=str(self.spool.path))
 
     async def flush_once(self, pool: asyncpg.Pool) -> int:
         """Write one batch; return how many charges it took (0 when there were none).
@@ -217,54 +235,86 @@ class UsageLedger:
             return 0
         started = time.perf_counter()
         try:
-            async with pool.acquire(timeout=self._interval * 40) as conn:
-                inserted, charged = await write_batch(conn, batch)
+            inserted, _charged = await self._write(pool, batch)
         except BaseException:
             self._pending.extendleft(reversed(batch))
             raise
+        self._written(batch)
         metrics.USAGE_FLUSH_SECONDS.observe(time.perf_counter() - started)
-        metrics.CHARGED_MICRODOLLARS.inc(charged)
-        self._settle(batch)
-        self._on_charged({c.organization_id for c in batch})
+        metrics.USAGE_PENDING.dec(len(batch))
         if inserted != len(batch):
             log.info("usage_duplicates_skipped", duplicates=len(batch) - inserted)
         return len(batch)
 
+    async def _write(self, pool: asyncpg.Pool, batch: list[Charge]) -> tuple[int, int]:
+        async with pool.acquire(timeout=self._interval * 40) as conn:
+            inserted, charged = await write_batch(conn, batch)
+        metrics.CHARGED_MICRODOLLARS.inc(charged)
+        self._on_charged({c.organization_id for c in batch})
+        return inserted, charged
+
     async def replay_spool(self, pool: asyncpg.Pool) -> int:
-        """Write every orphaned spool file to the database, then delete it."""
+        """Write every spool file no live process is writing (ours once rotated), then delete it."""
+        self.spool.rotate()
         replayed = 0
-        for path in self.spool.orphans():
-            charges = read_spool(path)
-            for start in range(0, len(charges), self._batch_size):
-                batch = charges[start : start + self._batch_size]
-                async with pool.acquire() as conn:
-                    _inserted, charged = await write_batch(conn, batch)
-                metrics.CHARGED_MICRODOLLARS.inc(charged)
-                self._on_charged({c.organization_id for c in batch})
-            path.unlink()
-            replayed += len(charges)
-            log.info("usage_spool_replayed", charges=len(charges), path=str(path))
+        with self.spool.claimed() as files:
+            for path, records in files:
+                charges = _charges(records)
+                for start in range(0, len(charges), self._batch_size):
+                    await self._write(pool, charges[start : start + self._batch_size])
+                path.unlink()
+                # Only what this process spooled was counted against balances here.
+                self._written(c for c in charges if self._spooled_by_us.pop(c.request_id, None))
+                replayed += len(charges)
+                log.info("usage_spool_replayed", charges=len(charges), path=str(path))
         return replayed
 
     async def run(self, pool: asyncpg.Pool) -> None:
-        """Flush forever: on every interval, at once when a batch fills, backing off on outages."""
+        """Flush forever: every interval, at once when a batch fills, backing off on trouble."""
         backoff = self._interval
-        spool_checked = False
+        spool_due = True  # replay at start: a crashed process may have left files
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), backoff)
             self._wake.clear()
             try:
-                if not spool_checked:
+                if spool_due:
                     await self.replay_spool(pool)
-                    spool_checked = True
+                    spool_due = False
                 while await self.flush_once(pool) == self._batch_size:
                     pass
                 backoff = self._interval
             except UNAVAILABLE_ERRORS as exc:
-                spool_checked = False  # the outage may have spilled charges to disk
+                spool_due = True  # the outage may have spilled charges to disk
                 backoff = min(max(backoff * 2, 0.1), 5.0)
                 log.warning("usage_flush_failed", error=type(exc).__name__, pending=len(self))
+            except asyncpg.PostgresError as exc:
+                backoff = self._interval
+                if not (exc.sqlstate or "").startswith(_RETRY_SQLSTATE_CLASS):
+                    await self._set_aside_refused(pool)
+            except Exception:
+                backoff = min(max(backoff * 2, 0.1), 5.0)
+                log.exception("usage_flush_error", pending=len(self))
+
+    async def _set_aside_refused(self, pool: asyncpg.Pool) -> None:
+        """The next batch holds a row the database refuses: write row by row, keep the rest."""
+        for charge in self._pop(self._batch_size):
+            try:
+                await self._write(pool, [charge])
+                self._written([charge])
+            except asyncpg.PostgresError as exc:
+                path = append_rejected(self.spool.directory, [charge.record()])
+                self._written([charge])
+                log.error(
+                    "usage_charge_rejected",
+                    request_id=charge.request_id,
+                    sqlstate=exc.sqlstate,
+                    path=str(path),
+                )
+            except BaseException:
+                self._pending.appendleft(charge)
+                raise
+            metrics.USAGE_PENDING.dec()
 
     async def close(self, pool: asyncpg.Pool, timeout_seconds: float) -> None:
         """Write everything pending; what cannot be written in time goes to the spool."""
@@ -276,13 +326,5 @@ class UsageLedger:
                 log.warning("usage_final_flush_failed", error=type(exc).__name__)
                 break
         if self._pending:
-            leftover = self._pop(len(self._pending))
-            self.spool.append(leftover)
-            self._settle(leftover)
-            log.warning("usage_spooled_at_exit", charges=len(leftover), path=str(self.spool.path))
-        self.spool.close()
-
-
-def charges_summary(charges: list[Charge]) -> dict[str, Any]:
-    """Totals of a list of charges (for logs and tests)."""
-    return {"count": len(charges), "microdollars": sum(c.cost_microdollars for c in charges)}
+            self._to_spool(self._pop(len(self._pending)))
+        self.spool.rotate()

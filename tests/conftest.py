@@ -13,6 +13,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -143,7 +144,9 @@ def log_stream() -> io.StringIO:
 
 
 @pytest.fixture
-def make_config(db_url: str, upstream: RunningUpstream) -> Callable[..., gateway_config.Config]:
+def make_config(
+    db_url: str, upstream: RunningUpstream, tmp_path: Path
+) -> Callable[..., gateway_config.Config]:
     """Build a configuration for this test's database and upstream; keywords override env."""
 
     def make(**env: Any) -> gateway_config.Config:
@@ -154,6 +157,8 @@ def make_config(db_url: str, upstream: RunningUpstream) -> Callable[..., gateway
             "APP_URL": "https://app.example.test",
             "GATEWAY_PORT": "0",
             "UPSTREAM_TIMEOUT_SECONDS": "5",
+            # Never the working tree's .data/: a test must not replay real spooled charges.
+            "USAGE_SPOOL_DIR": str(tmp_path / "usage-spool"),
         }
         values.update({k: str(v) for k, v in env.items()})
         return gateway_config.from_env(values)
