@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -40,14 +39,6 @@ from gateway.queries import ApiKey
 from gateway.reports import usage_report_handler
 from gateway.rule import OrgFacts
 from gateway.usage import UsageLedger
-
-# aiohttp server settings the gateway relies on; `serve` and the tests both use them.
-RUNNER_KWARGS: dict[str, Any] = {
-    # A client that goes away cancels its handler, and so its upstream request.
-    "handler_cancellation": True,
-    # The middleware writes one structured line per request instead.
-    "access_log": None,
-}
 
 
 def create_app(config: Config) -> web.Application:

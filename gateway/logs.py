@@ -63,8 +63,23 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
         logger_factory=lambda *_args: _LineWriter(stream),
         cache_logger_on_first_use=False,
     )
-    # aiohttp's and asyncpg's own warnings go to the same stream; access logs are ours.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=stream, force=True)
+    # aiohttp's and asyncpg's own warnings go to the same stream as JSON lines too.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.JSONRenderer(),
+            ],
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.format_exc_info,
+            ],
+        )
+    )
+    logging.basicConfig(level=max(numeric, logging.WARNING), handlers=[handler], force=True)
 
 
 def _buffered_stdout() -> TextIO:

@@ -12,14 +12,14 @@ import tempfile
 from typing import Any
 
 import structlog
-from aiohttp import web
 
 from gateway import migrations
-from gateway.app import RUNNER_KWARGS, create_app
+from gateway.app import create_app
 from gateway.config import Config
 from gateway.database import connect, start_embedded
 from gateway.logs import setup_logging
 from gateway.metrics import MULTIPROCESS_DIR_VARIABLE
+from gateway.runner import serve_until_signalled
 
 log = structlog.get_logger("gateway.server")
 
@@ -70,14 +70,14 @@ def run_worker(config: Config, reuse_port: bool) -> None:
         pid=os.getpid(),
         enforcement_mode=config.enforcement_mode.value,
     )
-    web.run_app(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        reuse_port=reuse_port,
-        print=None,
-        shutdown_timeout=config.shutdown_timeout_seconds,
-        **RUNNER_KWARGS,
+    asyncio.run(
+        serve_until_signalled(
+            create_app(config),
+            config.host,
+            config.port,
+            reuse_port=reuse_port,
+            shutdown_timeout=config.shutdown_timeout_seconds,
+        )
     )
 
 

@@ -24,9 +24,10 @@ from yarl import URL
 
 from bench.fake_upstream import RunningUpstream, start_upstream
 from gateway import config as gateway_config
-from gateway.app import RUNNER_KWARGS, create_app
+from gateway.app import create_app
 from gateway.logs import setup_logging
 from gateway.migrations import migrate
+from gateway.runner import runner_for
 from tests.factories import Seed
 
 TEMPLATE_DB = "gateway_test_template"
@@ -181,7 +182,7 @@ class RunningGateway:
 async def start_gateway(config: gateway_config.Config) -> RunningGateway:
     """Serve `create_app(config)` exactly as `serve` does, on an ephemeral port."""
     app = create_app(config)
-    runner = web.AppRunner(app, shutdown_timeout=1.0, **RUNNER_KWARGS)
+    runner = runner_for(app, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -1,0 +1,101 @@
+"""The aiohttp runner the gateway serves with, so that even unreadable requests get the envelope.
+
+aiohttp answers requests it cannot parse (a garbled request line, a header over the size
+limit, invalid bytes) itself, below every middleware, in plain text. The Kilo Code
+extension and operators expect the gateway's one JSON error envelope for every refusal,
+so the runner's connection handler renders those answers as envelopes too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from gateway.errors import GatewayError
+
+log = structlog.get_logger("gateway.runner")
+
+# aiohttp server settings the gateway relies on; `serve` and the tests both use them.
+RUNNER_KWARGS: dict[str, Any] = {
+    # A client that goes away cancels its handler, and so its upstream request.
+    "handler_cancellation": True,
+    # The middleware writes one structured line per request instead.
+    "access_log": None,
+}
+
+_REASONS = {400: "malformed_request", 413: "payload_too_large", 504: "timeout"}
+_MESSAGES = {
+    400: "The request could not be read as HTTP: check its request line and headers.",
+    413: "The request body is larger than the gateway accepts.",
+    500: "The gateway failed; this is our fault.",
+}
+
+
+class _EnvelopeRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering its own errors in the gateway's envelope."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            # Part of a response went out already: nothing can be said any more.
+            raise ConnectionError("response already started; closing the connection")
+        # One line, no traceback: hostile clients must not be able to flood the logs.
+        log.info("unreadable_request", status=status, error=type(exc).__name__ if exc else None)
+        error = GatewayError(
+            _MESSAGES.get(status, "The request was refused."),
+            reason=_REASONS.get(status, "internal_error" if status >= 500 else "bad_request"),
+            status=status,
+        )
+        response = web.Response(status=status, body=error.body(), content_type="application/json")
+        response.force_close()
+        return response
+
+
+class _EnvelopeServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """An AppRunner whose connections answer even unparseable requests with the envelope."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # Same object, same state; only the connection handler it creates changes.
+        server.__class__ = _EnvelopeServer
+        return server
+
+
+def runner_for(app: web.Application, **kwargs: Any) -> GatewayRunner:
+    """The runner `serve` and the tests both use."""
+    return GatewayRunner(app, **{**RUNNER_KWARGS, **kwargs})
+
+
+async def serve_until_signalled(
+    app: web.Application, host: str, port: int, *, reuse_port: bool, shutdown_timeout: float
+) -> None:
+    """Serve until SIGTERM or SIGINT; then stop accepting, let requests finish, clean up."""
+    runner = runner_for(app, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=1024)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("shutting_down", drain_timeout_seconds=shutdown_timeout)
+    finally:
+        await runner.cleanup()
