@@ -44,6 +44,8 @@ class Lookup(Generic[K, V]):
     `None` from the loader means "does not exist" and is kept for `negative_ttl_seconds`.
     Found values stay `stale_seconds` past their TTL: when a reload fails with one of
     `stale_on` (the database is down), the last known value is served instead of an error.
+    With `revalidate_in_background`, a value past its TTL (or marked for re-reading) is
+    served while one reload runs behind it, so no request waits on a refresh.
     """
 
     def __init__(
@@ -55,9 +57,11 @@ class Lookup(Generic[K, V]):
         stale_seconds: float = 0.0,
         stale_on: tuple[type[BaseException], ...] = (),
         on_stale: Callable[[], None] = lambda: None,
+        revalidate_in_background: bool = False,
         maxsize: int = DEFAULT_MAXSIZE,
     ) -> None:
         self._load = load
+        self._revalidate_in_background = revalidate_in_background
         self._ttl = ttl_seconds
         self._found: TTLCache[K, _Entry[V]] = TTLCache(maxsize, ttl_seconds + stale_seconds)
         self._absent: TTLCache[K, bool] = TTLCache(maxsize, negative_ttl_seconds or ttl_seconds)
@@ -71,17 +75,30 @@ class Lookup(Generic[K, V]):
         self._confirmed_after = float("-inf")
 
     def cached(self, key: K) -> V | None:
-        """The fresh cached value, None when cached as absent, or `MISSING`."""
+        """The cached value, None when cached as absent, or `MISSING` (the caller loads)."""
         entry = self._found.get(key)
-        if (
-            entry is not None
-            and entry.loaded_at >= self._confirmed_after
-            and time.monotonic() - entry.loaded_at < self._ttl
-        ):
-            return entry.value
+        if entry is not None:
+            if (
+                entry.loaded_at >= self._confirmed_after
+                and time.monotonic() - entry.loaded_at < self._ttl
+            ):
+                return entry.value
+            if self._revalidate_in_background:
+                self._start_load(key)
+                return entry.value
         if key in self._absent:
             return None
         return MISSING
+
+    def is_fresh(self, key: K) -> bool:
+        """True when `key` is cached (found or absent) and needs no re-reading."""
+        entry = self._found.get(key)
+        if entry is not None:
+            return (
+                entry.loaded_at >= self._confirmed_after
+                and time.monotonic() - entry.loaded_at < self._ttl
+            )
+        return key in self._absent
 
     async def get(self, key: K) -> V | None:
         """The value for `key`, from the cache or loaded once for all concurrent callers."""
@@ -96,13 +113,17 @@ class Lookup(Generic[K, V]):
         The load runs in a task of its own that callers await through a shield, so a
         client that disconnects cancels only its own wait, never the others' answer.
         """
+        return await asyncio.shield(self._start_load(key))
+
+    def _start_load(self, key: K) -> asyncio.Future[V | None]:
+        """The load in flight for `key`, started now if there is none."""
         pending = self._inflight.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._load_and_store(key, self._generation))
             # Mark the outcome retrieved: an error nobody awaits is not an unhandled one.
             pending.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._inflight[key] = pending
-        return await asyncio.shield(pending)
+        return pending
 
     async def _load_and_store(self, key: K, generation: int) -> V | None:
         try:
@@ -207,7 +228,12 @@ class FactsCache:
         )
         self.roles: Lookup[tuple[str, str], str] = Lookup(load_role, **common)
         self.user_orgs: Lookup[str, tuple[str, ...]] = Lookup(load_user_orgs, **common)
-        self.facts: Lookup[str, OrgFacts] = Lookup(load_facts, on_stale=on_stale_facts, **common)
+        # Billing facts change with every charge batch (credits used): serve the last value
+        # while one refresh runs, instead of making requests wait on it. Keys and
+        # memberships are never served past a change: a revoked key is refused at once.
+        self.facts: Lookup[str, OrgFacts] = Lookup(
+            load_facts, on_stale=on_stale_facts, revalidate_in_background=True, **common
+        )
 
     def apply_change(self, change: dict[str, Any]) -> None:
         """Evict what a `gateway_changes` notification names; clear all when unsure."""

@@ -340,8 +340,8 @@ async def populated_cache() -> FactsCache:
 
 
 def cached_entries(cache: FactsCache) -> set[tuple[str, Hashable]]:
-    """Which of ENTRIES the cache still holds (found or absent)."""
-    return {(name, key) for name, key in ENTRIES if getattr(cache, name).cached(key) is not MISSING}
+    """Which of ENTRIES the cache still trusts (found or absent, no re-reading due)."""
+    return {(name, key) for name, key in ENTRIES if getattr(cache, name).is_fresh(key)}
 
 
 CHANGES: list[tuple[str, dict[str, Any], set[tuple[str, Hashable]]]] = [
