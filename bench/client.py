@@ -8,6 +8,8 @@ memory scenario holds many streams open at once and counts every one that fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -19,7 +21,9 @@ import aiohttp
 T = TypeVar("T")
 TokenSource = Callable[[], str | None]
 _DONE: Final = b"data: [DONE]"
-_WARMUP_REQUESTS: Final = 5
+_WARMUP_REQUESTS: Final = 2
+# A request slower than this is an error, not a sample (wrk uses the same limit).
+REQUEST_TIMEOUT_SECONDS: Final = 10.0
 
 
 def run_async(coroutine: Awaitable[T]) -> T:
@@ -58,8 +62,9 @@ class Timing:
     saw_done: bool
 
 
-async def timed_request(session: aiohttp.ClientSession, url: str, token: str | None,
-                        body: bytes) -> Timing:  # fmt: skip
+async def timed_request(
+    session: aiohttp.ClientSession, url: str, token: str | None, body: bytes
+) -> Timing:
     """POST ``body`` and time the response's arrival, event by event."""
     started = time.perf_counter_ns()
     ttfb: int | None = None
@@ -97,7 +102,7 @@ class ClientSamples:
         if timing.ttfb_ns is not None and timing.event_ns:
             self.ttfb_us.append(timing.ttfb_ns / 1e3)
         content = timing.event_ns[:content_chunks]
-        self.gap_us.extend((b - a) / 1e3 for a, b in zip(content, content[1:], strict=False))
+        self.gap_us.extend((b - a) / 1e3 for a, b in itertools.pairwise(content))
 
 
 async def sequential(
@@ -106,9 +111,13 @@ async def sequential(
     """One request at a time for ``seconds`` (after a short untimed warm-up)."""
     samples = ClientSamples()
     connector = aiohttp.TCPConnector(limit=1)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False
+    ) as session:
         for _ in range(_WARMUP_REQUESTS):
-            await timed_request(session, url, tokens(), body)
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                await timed_request(session, url, tokens(), body)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
@@ -133,8 +142,9 @@ class StreamHold:
     seconds: float = 0.0
 
 
-async def _hold_one(session: aiohttp.ClientSession, url: str, token: str | None, body: bytes,
-                    hold: StreamHold) -> None:  # fmt: skip
+async def _hold_one(
+    session: aiohttp.ClientSession, url: str, token: str | None, body: bytes, hold: StreamHold
+) -> None:
     """Open one stream, read it to the end, and record how it went."""
     try:
         async with session.post(url, data=body, headers=_headers(token)) as response:
@@ -170,8 +180,9 @@ async def hold_streams(
         tasks = []
         for index in range(count):
             delay = ramp_seconds * index / count
-            tasks.append(asyncio.create_task(_after(delay, _hold_one(session, url, tokens(), body,
-                                                                     hold))))  # fmt: skip
+            tasks.append(
+                asyncio.create_task(_after(delay, _hold_one(session, url, tokens(), body, hold)))
+            )
         await asyncio.gather(*tasks)
     hold.seconds = time.monotonic() - started
     return hold

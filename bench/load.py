@@ -1,8 +1,10 @@
-"""Throughput with wrk: one run of one (target, scenario, concurrency) cell.
+"""Throughput and latency with wrk: one run of one (target, scenario, concurrency) cell.
 
 wrk is native, so at 64 connections it is not what limits the rate; ``wrk.lua`` sets the
-method, body and headers (rotating keys for gateway-cold) and prints its figures as JSON.
-The CPU wrk itself used is kept with each run, to show the load generator had room left.
+method, body and headers (rotating keys for gateway-cold), times every request itself and
+prints its figures as JSON. wrk runs one thread per connection, so each thread has one
+request in flight and its Lua state can time it (see ``wrk.lua`` for why wrk's own
+histogram is not used). The CPU wrk used is kept, to show the load generator had room.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from bench.stats import Grid
+from bench.stats import Histogram
 from bench.targets import MODEL, Target
 
 SMALL: Final = "small"
@@ -63,8 +65,9 @@ class WrkRun:
     requests: int
     duration_seconds: float
     errors: dict[str, int]
-    grid: Grid
-    mean_us: float
+    histogram: Histogram
+    statuses: dict[int, int]
+    wrk_corrected_us: dict[str, float]
     threads: int
     loadgen_cpu_seconds: float
 
@@ -87,7 +90,11 @@ class Cell:
     scenario: str
     concurrency: int
     duration_seconds: int
-    threads: int
+
+    @property
+    def threads(self) -> int:
+        """One wrk thread per connection, so each thread times one request at a time."""
+        return self.concurrency
 
 
 def wrk_command(cell: Cell, bodies: Bodies, first_key: int) -> list[str]:
@@ -130,13 +137,13 @@ def run_wrk(cell: Cell, bodies: Bodies, first_key: int = 0) -> WrkRun:
     if done.returncode != 0:
         raise LoadGeneratorFailed(f"wrk exited {done.returncode}: {done.stderr[-2000:]}")
     figures = _parse(done.stdout)
-    points = [(float(p), float(v)) for p, v in figures["percentiles"]]
     return WrkRun(
         requests=int(figures["requests"]),
         duration_seconds=figures["duration_us"] / 1e6,
         errors={k: int(v) for k, v in figures["errors"].items()},
-        grid=Grid(int(figures["requests"]), points),
-        mean_us=float(figures["mean_us"]),
+        histogram={int(v): int(n) for v, n in figures["histogram"]},
+        statuses={int(s): int(n) for s, n in figures["statuses"]},
+        wrk_corrected_us={f"p{k}": float(v) for k, v in figures["wrk_corrected"].items()},
         threads=cell.threads,
         loadgen_cpu_seconds=loadgen_cpu,
     )

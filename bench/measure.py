@@ -16,7 +16,7 @@ from typing import Any
 
 from bench.load import WrkRun
 from bench.procs import cpu_seconds, tree_pids
-from bench.stats import Grid, merge_grids
+from bench.stats import histogram_percentiles, merge_histograms
 from bench.targets import Target
 
 _SAMPLE = re.compile(r"^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$", re.MULTILINE)
@@ -100,10 +100,12 @@ class CellResult:
         requests = sum(r.requests for r in self.runs)
         seconds = sum(r.duration_seconds for r in self.runs)
         errors: Counter[str] = Counter()
+        statuses: Counter[str] = Counter()
         for run in self.runs:
             errors.update(run.errors)
-        thread_seconds = sum(r.duration_seconds * r.threads for r in self.runs)
-        per_1k = (lambda s: s / requests * 1000 if requests else None)  # noqa: E731
+            statuses.update({str(k): v for k, v in run.statuses.items()})
+        histogram = merge_histograms(r.histogram for r in self.runs)
+        loadgen_cpu = sum(r.loadgen_cpu_seconds for r in self.runs)
         return {
             "target": self.target,
             "scenario": self.scenario,
@@ -112,16 +114,24 @@ class CellResult:
             "requests": requests,
             "seconds": seconds,
             "rate": requests / seconds if seconds else 0.0,
-            "latency_us": merge_grids(Grid(r.requests, r.grid.points) for r in self.runs),
-            "cpu_seconds_per_1k": per_1k(self.cpu_seconds),
-            "db_cpu_seconds_per_1k": None
-            if self.db_cpu_seconds is None
-            else per_1k(self.db_cpu_seconds),
+            "latency_us": histogram_percentiles(histogram),
+            "timed_requests": sum(histogram.values()),
+            # wrk's own percentiles, corrected for coordinated omission; per round.
+            "wrk_corrected_latency_us": [r.wrk_corrected_us for r in self.runs],
+            "cpu_seconds_per_1k": _per_1k(self.cpu_seconds, requests),
+            "db_cpu_seconds_per_1k": _per_1k(self.db_cpu_seconds, requests),
             "errors": dict(errors),
             "error_total": sum(errors.values()),
+            "statuses": dict(statuses),
             "gateway_statuses": dict(self.statuses),
             "cache": dict(self.cache),
-            "loadgen_cpu_share": sum(r.loadgen_cpu_seconds for r in self.runs) / thread_seconds
-            if thread_seconds
-            else None,
+            # Cores wrk kept busy: near the machine's count would make wrk the limit.
+            "loadgen_cores": loadgen_cpu / seconds if seconds else None,
         }
+
+
+def _per_1k(seconds: float | None, requests: int) -> float | None:
+    """CPU seconds per 1,000 requests."""
+    if seconds is None or not requests:
+        return None
+    return seconds / requests * 1000

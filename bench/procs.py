@@ -112,6 +112,15 @@ def rss_bytes(pids: Sequence[int]) -> int:
     return sum(_status_kib(pid, "VmRSS") for pid in pids) * 1024
 
 
+def command_line(pid: int) -> str:
+    """The process's command line, or an empty string when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
 def open_fds(pids: Sequence[int]) -> int:
     """File descriptors the processes hold open (sockets included)."""
     total = 0
@@ -169,6 +178,18 @@ class Child:
             self.popen.wait(timeout=timeout_seconds)
 
 
+# Every child ever spawned, so a run can stop whatever an interruption left unregistered.
+_SPAWNED: list[Child] = []
+
+
+def stop_leftovers() -> None:
+    """Stop every spawned child whose process group still has live processes."""
+    for child in reversed(_SPAWNED):
+        if child.pids():
+            child.stop()
+    _SPAWNED.clear()
+
+
 def spawn(
     name: str,
     argv: Sequence[str],
@@ -194,7 +215,9 @@ def spawn(
             cwd=cwd,
             start_new_session=True,
         )
-    return Child(name, popen, stderr_path)
+    child = Child(name, popen, stderr_path)
+    _SPAWNED.append(child)
+    return child
 
 
 def http_status(url: str, timeout_seconds: float = 1.0) -> int | None:
@@ -223,6 +246,15 @@ def wait_ready(child: Child, url: str, deadline_seconds: float) -> None:
                 f"(last status {status}):\n{child.stderr_tail()}"
             )
         time.sleep(_POLL_SECONDS)
+
+
+def ready_or_stop(child: Child, url: str, deadline_seconds: float) -> None:
+    """``wait_ready``, stopping the child if it never gets there (or the wait is interrupted)."""
+    try:
+        wait_ready(child, url, deadline_seconds)
+    except BaseException:
+        child.stop()
+        raise
 
 
 @contextlib.contextmanager

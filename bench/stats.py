@@ -1,54 +1,45 @@
-"""Percentiles: from raw samples, and merged across rounds from wrk's percentile grids.
+"""Percentiles: from raw samples, and from latency histograms merged across rounds.
 
-wrk reports a grid of percentiles per run (see ``wrk.lua``). A round's grid point at
-percentile p_k stands for the share (p_k - p_{k-1}) of that round's requests; the merged
-distribution weights each round by its request count, so a busy round counts for more.
-With one round the merged percentiles are exactly wrk's own.
+``wrk.lua`` times every request and reports a histogram (microsecond buckets, 1 us wide
+below 1 ms and 3 significant digits above); the rounds of a cell are merged by adding
+counts, so the cell's percentiles are those of all its requests together.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 # The percentiles every figure reports, and the names used in JSON and tables.
 REPORTED = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9))
 
 
-@dataclass(frozen=True, slots=True)
-class Grid:
-    """One run's percentiles: (percentile, value) pairs in ascending percentile order."""
-
-    count: int
-    points: Sequence[tuple[float, float]]
+Histogram = dict[int, int]
 
 
-def weighted_percentile(weighted: Sequence[tuple[float, float]], percentile: float) -> float:
-    """The smallest value whose cumulative weight reaches ``percentile`` of the total."""
-    ordered = sorted(weighted)
-    total = sum(weight for _, weight in ordered)
-    if total <= 0:
-        return math.nan
-    target = total * percentile / 100.0
-    cumulative = 0.0
-    for value, weight in ordered:
-        cumulative += weight
-        # A relative tolerance absorbs the float error of summing many small weights.
-        if cumulative >= target * (1 - 1e-12):
-            return value
-    return ordered[-1][0]
+def merge_histograms(histograms: Iterable[Histogram]) -> Histogram:
+    """Bucket-wise sum of the histograms."""
+    total: Counter[int] = Counter()
+    for histogram in histograms:
+        total.update(histogram)
+    return dict(total)
 
 
-def merge_grids(grids: Iterable[Grid]) -> dict[str, float]:
-    """The reported percentiles of all the grids' requests taken together."""
-    weighted: list[tuple[float, float]] = []
-    for grid in grids:
-        previous = 0.0
-        for percentile, value in grid.points:
-            weighted.append((value, grid.count * (percentile - previous) / 100.0))
-            previous = percentile
-    return {name: weighted_percentile(weighted, p) for name, p in REPORTED}
+def histogram_percentiles(histogram: Histogram) -> dict[str, float]:
+    """The reported percentiles of a histogram (nearest rank, bucket values)."""
+    buckets = sorted(histogram.items())
+    count = sum(n for _, n in buckets)
+    result = {}
+    for name, p in REPORTED:
+        rank, seen = max(1, math.ceil(p / 100.0 * count)), 0
+        result[name] = math.nan
+        for value, n in buckets:
+            seen += n
+            if seen >= rank:
+                result[name] = float(value)
+                break
+    return result
 
 
 def percentiles(samples: Sequence[float]) -> dict[str, float]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from bench.procs import Child, free_port, spawn, wait_ready
+from bench.procs import Child, free_port, ready_or_stop, spawn
 from gateway.config import load_defaults
 
 DIRECT: Final = "direct"
@@ -72,16 +72,14 @@ class Upstream:
         return self.root_url + "/api/v1"
 
 
-def start_upstream(
-    name: str, log_dir: Path, *, chunks: int, interval_seconds: float
-) -> Upstream:
+def start_upstream(name: str, log_dir: Path, *, chunks: int, interval_seconds: float) -> Upstream:
     """Start ``python -m bench.fake_upstream`` streaming ``chunks`` at the interval."""
     port = free_port()
     argv = [sys.executable, "-m", "bench.fake_upstream", "--host", HOST, "--port", str(port)]
     argv += ["--chunks", str(chunks), "--interval", repr(interval_seconds)]
     child = spawn(name, argv, log_dir=log_dir, cwd=PROJECT_ROOT)
     root = f"http://{HOST}:{port}"
-    wait_ready(child, root + "/api/v1/models", READY_SECONDS)
+    ready_or_stop(child, root + "/api/v1/models", READY_SECONDS)
     return Upstream(child, root)
 
 
@@ -96,7 +94,7 @@ def start_floor(upstream: Upstream, log_dir: Path, token: str, name: str = FLOOR
     argv = [sys.executable, "-m", "bench.floor_proxy", "--host", HOST, "--port", str(port)]
     child = spawn(name, [*argv, "--upstream", upstream.root_url], log_dir=log_dir)
     base = f"http://{HOST}:{port}/api/v1"
-    wait_ready(child, base + "/models", READY_SECONDS)
+    ready_or_stop(child, base + "/models", READY_SECONDS)
     return Target(name, base + "/chat/completions", child, token)
 
 
@@ -148,7 +146,7 @@ def start_gateway(
         cwd=PROJECT_ROOT,
     )
     root = f"http://{HOST}:{port}"
-    wait_ready(child, root + "/healthz", READY_SECONDS)
+    ready_or_stop(child, root + "/healthz", READY_SECONDS)
     return Target(
         options.name,
         root + "/api/openrouter/chat/completions",
@@ -212,7 +210,7 @@ def start_nginx(
     argv = [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
     child = spawn(NGINX, [*argv, "-g", "daemon off;"], log_dir=log_dir)
     base = f"http://{HOST}:{port}/api/v1"
-    wait_ready(child, base + "/models", READY_SECONDS)
+    ready_or_stop(child, base + "/models", READY_SECONDS)
     return Target(NGINX, base + "/chat/completions", child, token)
 
 
@@ -236,5 +234,5 @@ def start_litellm(
     argv += ["--num_workers", str(workers), "--telemetry", "False"]
     child = spawn(LITELLM, argv, log_dir=log_dir, env=env, cwd=tmp)
     root = f"http://{HOST}:{port}"
-    wait_ready(child, root + "/health/liveliness", LITELLM_READY_SECONDS)
+    ready_or_stop(child, root + "/health/liveliness", LITELLM_READY_SECONDS)
     return Target(LITELLM, root + "/v1/chat/completions", child, token)
