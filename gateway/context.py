@@ -7,6 +7,7 @@ class RequestContext:
     """Filled in by the middleware and the handler; read once when the request ends."""
 
     __slots__ = (
+        "client_gone",
         "organization_id",
         "reason",
         "request_id",
@@ -27,3 +28,5 @@ class RequestContext:
         self.reason: str | None = None
         self.upstream_status: int | None = None
         self.ttfb_seconds: float | None = None
+        # The client disconnected before the response was complete.
+        self.client_gone = False

@@ -67,7 +67,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     status = 500
     try:
         response = await _handle(request, handler, ctx)
-        status = response.status
+        status = CLIENT_CLOSED_REQUEST if ctx.client_gone else response.status
         return response
     except asyncio.CancelledError:
         status = CLIENT_CLOSED_REQUEST

@@ -171,19 +171,20 @@ async def relay(
     client_gone = True  # until the response ends one of the known ways
     try:
         await response.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-                if meter is not None:
-                    meter.feed(chunk)
-        except _UPSTREAM_BROKE:
-            client_gone = False
-            await _end_broken_stream(request, response, upstream)
-            return response
-        except ConnectionError:
-            return response  # the client went away; its handler has nothing left to do
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+            if meter is not None:
+                meter.feed(chunk)
         client_gone = False
         await response.write_eof()
+        return response
+    except _UPSTREAM_BROKE:
+        client_gone = False
+        await _end_broken_stream(request, response, upstream)
+        return response
+    except ConnectionError:
+        # The client went away (before the headers or mid-body): nothing is left to send.
+        ctx.client_gone = True
         return response
     finally:
         metrics.ACTIVE_STREAMS.dec()
