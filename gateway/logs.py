@@ -12,12 +12,12 @@ the last fraction of a second of lines.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import sys
 import time
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from json.encoder import encode_basestring_ascii
+from typing import TextIO
 
 import structlog
 
@@ -96,29 +96,40 @@ def flush() -> None:
 def log_request(ctx: RequestContext, *, method: str, status: int, duration_seconds: float) -> None:
     """Write the request's one canonical log line (same shape as structlog's lines).
 
-    Rendered directly rather than through structlog's processor chain: every field is a
-    plain value, and this line is written for every request.
+    Formatted directly rather than through structlog's processor chain and json.dumps:
+    this line is written for every request, and every field is a plain value whose JSON
+    form is known (ids and routes are escaped all the same).
     """
     if not _State.request_lines:
         return
-    line: dict[str, Any] = {
-        "request_id": ctx.request_id,
-        "method": method,
-        "route": ctx.route,
-        "status": status,
-        "organization_id": ctx.organization_id,
-        "user_id": ctx.user_id,
-        "verdict": ctx.verdict,
-        "reason": ctx.reason,
-        "upstream_status": ctx.upstream_status,
-        "duration_ms": round(duration_seconds * 1000, 3),
-        "ttfb_ms": None if ctx.ttfb_seconds is None else round(ctx.ttfb_seconds * 1000, 3),
-        "event": "request",
-        "level": "info",
-        "timestamp": _now_iso(),
-    }
-    _State.stream.write(json.dumps(line) + "\n")
+    ttfb = "null" if ctx.ttfb_seconds is None else f"{ctx.ttfb_seconds * 1000:.3f}"
+    upstream_status = "null" if ctx.upstream_status is None else str(ctx.upstream_status)
+    _State.stream.write(
+        f'{{"request_id": {_text(ctx.request_id)}, "method": {_text(method)},'
+        f' "route": {_text(ctx.route)}, "status": {status},'
+        f' "organization_id": {_text(ctx.organization_id)}, "user_id": {_text(ctx.user_id)},'
+        f' "verdict": {_text(ctx.verdict)}, "reason": {_text(ctx.reason)},'
+        f' "upstream_status": {upstream_status}, "duration_ms": {duration_seconds * 1000:.3f},'
+        f' "ttfb_ms": {ttfb}, "event": "request", "level": "info",'
+        f' "timestamp": "{_now_iso()}"}}\n'
+    )
+
+
+def _text(value: str | None) -> str:
+    return "null" if value is None else encode_basestring_ascii(value)
+
+
+class _Clock:
+    """The ISO timestamp's seconds part, formatted once per second."""
+
+    second = -1
+    prefix = ""
 
 
 def _now_iso() -> str:
-    return datetime.fromtimestamp(time.time(), UTC).isoformat().replace("+00:00", "Z")
+    now = time.time()
+    second = int(now)
+    if second != _Clock.second:
+        _Clock.second = second
+        _Clock.prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_Clock.prefix}.{int((now - second) * 1_000_000):06d}Z"

@@ -147,6 +147,10 @@ SELECT (SELECT count(*) FROM inserted) AS inserted,
 """
 
 
+# The llm_usage columns, in the order _WRITE_BATCH_SQL takes them.
+_COLUMNS = tuple(f.name for f in dataclasses.fields(Charge))
+
+
 async def write_batch(conn: asyncpg.Connection, charges: list[Charge]) -> tuple[int, int]:
     """Write a batch in one transaction; return (rows new to the ledger, microdollars charged).
 
@@ -154,7 +158,7 @@ async def write_batch(conn: asyncpg.Connection, charges: list[Charge]) -> tuple[
     overlapping batches take their locks in the same order instead of deadlocking.
     """
     ordered = sorted(charges, key=lambda c: (c.organization_id, c.request_id))
-    columns = list(zip(*(dataclasses.astuple(c) for c in ordered), strict=True))
+    columns = [[getattr(c, name) for c in ordered] for name in _COLUMNS]
     async with conn.transaction():
         row = await conn.fetchrow(_WRITE_BATCH_SQL, *columns)
     assert row is not None
