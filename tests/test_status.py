@@ -1,0 +1,349 @@
+"""The pure status logic: days left, call-to-action levels, reminder stages, seats, pricing.
+
+Times are relative to the trial's end `END`; a purchase, when there is one, is active
+and covers the instant judged unless the case says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from gateway.entitlement import refusal_message
+from gateway.plans import load_catalog
+from gateway.rule import SECONDS_PER_DAY, OrgFacts, Purchase, Standing, Verdict, decide
+from gateway.status import (
+    Level,
+    ReminderStage,
+    call_to_action,
+    call_to_action_level,
+    days_remaining,
+    has_seat_for,
+    organization_status,
+    plan_pricing,
+    purchased_seats,
+    reminder_stage,
+    seats_unlimited,
+    trial_stage,
+)
+
+DAY = SECONDS_PER_DAY
+TRIAL_DAYS = 30
+CREATED = 1_800_000_000.0
+END = CREATED + TRIAL_DAYS * DAY
+CATALOG = load_catalog()
+APP_URL = "https://app.example.test"
+ORG = "00000000-0000-4000-8000-000000000001"
+
+
+def purchase(status: str = "active", seats: int = 5, **times: float) -> Purchase:
+    """A yearly purchase from a year before END to a year after, unless told otherwise."""
+    starts = times.get("starts_at", END - 365 * DAY)
+    expires = times.get("expires_at", END + 365 * DAY)
+    return Purchase(status, seats, starts, expires, "yearly")
+
+
+def facts(**changes: Any) -> OrgFacts:
+    """A teams organization created at CREATED with one member, no purchase."""
+    base = OrgFacts(
+        organization_id=ORG,
+        created_at=CREATED,
+        free_trial_end_at=None,
+        require_seats=True,
+        seats_used=1,
+        purchase=None,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def level_at(org: OrgFacts, now: float) -> Level:
+    return call_to_action_level(org, decide(org, now, TRIAL_DAYS), now)
+
+
+@pytest.mark.parametrize(
+    ("seconds_left", "days"),
+    [
+        (30 * DAY, 30),
+        (8 * DAY, 8),
+        (8 * DAY - 1, 7),
+        (7.99 * DAY, 7),
+        (DAY, 1),
+        (DAY - 1, 0),
+        (1, 0),
+        (0, 0),
+        (-5 * DAY, 0),
+    ],
+)
+def test_days_remaining_is_floored_and_never_negative(seconds_left: float, days: int) -> None:
+    """Whole days left, rounded down: 0 on the last day and after the end."""
+    assert days_remaining(END, END - seconds_left) == days
+
+
+@pytest.mark.parametrize(
+    ("now", "stage"), [(CREATED, "trialing"), (END - 1, "trialing"), (END, "expired")]
+)
+def test_trial_stage_turns_at_the_exact_end(now: float, stage: str) -> None:
+    """`trialing` until the instant the trial ends, `expired` from it."""
+    assert trial_stage(END, now) == stage
+
+
+@pytest.mark.parametrize(
+    ("case", "org", "now", "level"),
+    [
+        ("just created", facts(), CREATED, Level.INFO),
+        ("8 days left", facts(), END - 8 * DAY, Level.INFO),
+        ("7.99 days left", facts(), END - 7.99 * DAY, Level.WARNING),
+        ("a second under 8 days", facts(), END - 8 * DAY + 1, Level.WARNING),
+        ("4 days left", facts(), END - 4 * DAY, Level.WARNING),
+        ("3.99 days left", facts(), END - 3.99 * DAY, Level.URGENT),
+        ("1 day left", facts(), END - DAY, Level.URGENT),
+        ("last second", facts(), END - 1, Level.URGENT),
+        ("exactly at the end", facts(), END, Level.BLOCKING),
+        ("a day after", facts(), END + DAY, Level.BLOCKING),
+        ("trialing, already paying", facts(purchase=purchase()), END - DAY, Level.NONE),
+        ("trialing, lapsed purchase", facts(purchase=purchase("ended")), END - DAY, Level.URGENT),
+        ("subscribed", facts(purchase=purchase()), END + DAY, Level.NONE),
+        ("pending cancel", facts(purchase=purchase("pending_cancel")), END + DAY, Level.NONE),
+        ("past due", facts(purchase=purchase("past_due")), END + DAY, Level.NONE),
+        ("ended", facts(purchase=purchase("ended")), END + DAY, Level.BLOCKING),
+        (
+            "period over",
+            facts(purchase=purchase(expires_at=END + DAY)),
+            END + DAY,
+            Level.BLOCKING,
+        ),
+        ("seats exceeded", facts(seats_used=6, purchase=purchase()), END + DAY, Level.BLOCKING),
+        ("exempt after trial", facts(require_seats=False), END + DAY, Level.NONE),
+        ("exempt during trial", facts(require_seats=False), END - DAY, Level.NONE),
+        (
+            "explicit trial end",
+            facts(free_trial_end_at=CREATED + 10 * DAY),
+            CREATED + 5 * DAY,
+            Level.WARNING,
+        ),
+        (
+            "explicit trial end passed",
+            facts(free_trial_end_at=CREATED + 10 * DAY),
+            CREATED + 10 * DAY,
+            Level.BLOCKING,
+        ),
+    ],
+)
+def test_call_to_action_level(case: str, org: OrgFacts, now: float, level: Level) -> None:
+    """The level grows louder as the trial ends and is none for paying or exempt orgs."""
+    assert level_at(org, now) is level, case
+
+
+@pytest.mark.parametrize(
+    ("case", "org", "now", "stage"),
+    [
+        ("just created", facts(), CREATED, None),
+        ("8 days left", facts(), END - 8 * DAY, None),
+        ("a second under 8 days", facts(), END - 8 * DAY + 1, ReminderStage.DAYS_7),
+        ("7 days left", facts(), END - 7 * DAY, ReminderStage.DAYS_7),
+        ("4 days left", facts(), END - 4 * DAY, ReminderStage.DAYS_7),
+        ("3.99 days left", facts(), END - 3.99 * DAY, ReminderStage.DAYS_3),
+        ("2 days left", facts(), END - 2 * DAY, ReminderStage.DAYS_3),
+        ("1.99 days left", facts(), END - 1.99 * DAY, ReminderStage.DAYS_1),
+        ("last second", facts(), END - 1, ReminderStage.DAYS_1),
+        ("exactly at the end", facts(), END, ReminderStage.EXPIRED),
+        ("6.99 days after", facts(), END + 6.99 * DAY, ReminderStage.EXPIRED),
+        ("a week after", facts(), END + 7 * DAY, None),
+        ("subscribed early", facts(purchase=purchase()), END - DAY, None),
+        ("subscribed", facts(purchase=purchase()), END + DAY, None),
+        ("ended purchase", facts(purchase=purchase("ended")), END + DAY, ReminderStage.EXPIRED),
+        ("exempt", facts(require_seats=False), END - DAY, None),
+        ("exempt, expired", facts(require_seats=False), END + DAY, None),
+    ],
+)
+def test_reminder_stage(case: str, org: OrgFacts, now: float, stage: ReminderStage | None) -> None:
+    """The latest reminder due, by the same whole days as the status page."""
+    assert reminder_stage(org, now, TRIAL_DAYS) == stage, case
+
+
+@pytest.mark.parametrize(
+    ("role", "unlimited", "taken", "purchased", "fits"),
+    [
+        ("member", True, 500, 0, True),
+        ("member", False, 4, 5, True),
+        ("member", False, 5, 5, False),
+        ("owner", False, 5, 5, False),
+        ("billing_manager", False, 5, 5, True),
+        ("member", False, 0, 0, False),
+        ("billing_manager", False, 0, 0, True),
+    ],
+)
+def test_has_seat_for(role: str, unlimited: bool, taken: int, purchased: int, fits: bool) -> None:
+    """One more member fits within the purchased seats; billing managers take none."""
+    assert has_seat_for(role, unlimited=unlimited, taken=taken, purchased=purchased) is fits
+
+
+@pytest.mark.parametrize(
+    ("org", "now", "seats"),
+    [
+        (facts(), END + DAY, 0),
+        (facts(purchase=purchase(seats=7)), END + DAY, 7),
+        (facts(purchase=purchase("pending_cancel", seats=7)), END + DAY, 7),
+        (facts(purchase=purchase("ended", seats=7)), END + DAY, 0),
+        (facts(purchase=purchase(seats=7, expires_at=END)), END, 0),
+        (facts(purchase=purchase(seats=7, starts_at=END + DAY)), END, 0),
+    ],
+)
+def test_purchased_seats_counts_only_a_paying_purchase(
+    org: OrgFacts, now: float, seats: int
+) -> None:
+    """Seats are those of a purchase that is paid for and covers the instant."""
+    assert purchased_seats(org, now) == seats
+
+
+@pytest.mark.parametrize(
+    ("standing", "unlimited"),
+    [
+        (Standing.TRIALING, True),
+        (Standing.EXEMPT, True),
+        (Standing.SUBSCRIBED, False),
+        (Standing.BLOCKED, False),
+    ],
+)
+def test_seats_unlimited_while_trialing_or_exempt(standing: Standing, unlimited: bool) -> None:
+    """Members are not counted during the trial, nor for exempt organizations."""
+    assert seats_unlimited(Verdict(True, standing, None, END)) is unlimited
+
+
+def test_teams_pricing_is_stated_in_monthly_terms() -> None:
+    """Teams: $29 per seat per month, billed annually as $348."""
+    assert plan_pricing(CATALOG, "teams") == {
+        "per_seat_monthly_usd": 29,
+        "billed": "annually",
+        "per_seat_yearly_usd": 348,
+        "display": "$29 per seat per month, billed annually ($348 a year)",
+    }
+
+
+def test_enterprise_pricing_is_stated_in_monthly_terms() -> None:
+    """Enterprise: $299 per seat per month, billed annually as $3,588."""
+    assert plan_pricing(CATALOG, "enterprise") == {
+        "per_seat_monthly_usd": 299,
+        "billed": "annually",
+        "per_seat_yearly_usd": 3588,
+        "display": "$299 per seat per month, billed annually ($3,588 a year)",
+    }
+
+
+def test_pricing_with_cents_shows_cents() -> None:
+    """A price that is not whole dollars a month is shown with its cents."""
+    price = dataclasses.replace(CATALOG.price("teams", "yearly"), unit_amount_cents=34500)
+    teams = dataclasses.replace(CATALOG.plans["teams"], prices={"yearly": price})
+    catalog = dataclasses.replace(CATALOG, plans={**CATALOG.plans, "teams": teams})
+    pricing = plan_pricing(catalog, "teams")
+    assert pricing["per_seat_monthly_usd"] == 28.75
+    assert pricing["display"] == "$28.75 per seat per month, billed annually ($345 a year)"
+
+
+def cta(org: OrgFacts, now: float) -> dict[str, Any]:
+    return call_to_action(org, decide(org, now, TRIAL_DAYS), now, app_url=APP_URL, catalog=CATALOG)
+
+
+@pytest.mark.parametrize(
+    ("now", "level", "title_has"),
+    [
+        (CREATED, "info", "30 days left"),
+        (END - 5 * DAY, "warning", "ends in 5 days"),
+        (END - 2.5 * DAY, "urgent", "Only 2 days left"),
+        (END - DAY - 1, "urgent", "Only 1 day left"),
+        (END - 60, "urgent", "ends today"),
+        (END, "blocking", "trial has ended"),
+    ],
+)
+def test_call_to_action_texts_point_to_billing(now: float, level: str, title_has: str) -> None:
+    """Each level has a title and a message, and the link is the billing page."""
+    action = cta(facts(), now)
+    assert action["level"] == level
+    assert title_has in action["title"]
+    assert action["message"]
+    assert action["url"] == f"{APP_URL}/organizations/{ORG}/billing"
+
+
+def test_louder_levels_warn_of_losing_access() -> None:
+    """Warning and urgent texts say when access stops; urgent also says credits lock."""
+    warning, urgent = cta(facts(), END - 5 * DAY), cta(facts(), END - DAY)
+    assert "$29 per seat per month" in warning["message"]
+    assert "stops working" in urgent["message"]
+    assert "credits stay locked" in urgent["message"]
+    assert urgent["message"].startswith("Subscribe now")
+
+
+def test_blocking_message_is_the_proxys_refusal() -> None:
+    """Once blocked, the status page says exactly what the 402 says."""
+    org = facts(credits_acquired_microdollars=12_500_000)
+    verdict = decide(org, END + DAY, TRIAL_DAYS)
+    assert cta(org, END + DAY)["message"] == refusal_message(org, verdict, 12.5)
+
+
+def test_no_call_to_action_text_when_subscribed() -> None:
+    """A paying organization is not asked to upgrade."""
+    action = cta(facts(purchase=purchase()), END + DAY)
+    assert action["level"] == "none"
+    assert action["title"] is None and action["message"] is None
+
+
+def status(org: OrgFacts, now: float) -> dict[str, Any]:
+    return organization_status(
+        org,
+        now,
+        name="Acme",
+        pending_invitations=2,
+        trial_days=TRIAL_DAYS,
+        app_url=APP_URL,
+        catalog=CATALOG,
+    )
+
+
+def test_status_of_a_trialing_teams_organization() -> None:
+    """Every section of the status page for a new teams organization."""
+    org = facts(credits_acquired_microdollars=5_000_000)
+    body = status(org, CREATED + 0.5 * DAY)
+    assert body["trial"] == {
+        "ends_at": "2027-02-14T08:00:00Z",
+        "days_remaining": 29,
+        "stage": "trialing",
+    }
+    assert body["seats"] == {"used": 1, "purchased": 0, "unlimited": True, "pending_invitations": 2}
+    assert body["subscription"] is None
+    assert body["credits"] == {"balance_usd": 5.0, "locked": False}
+    assert body["access"] == {"allowed": True, "reason": None}
+    assert body["pricing"] == plan_pricing(CATALOG, "teams")
+    assert body["call_to_action"]["level"] == "info"
+    assert body["sso"] is None
+    assert (body["id"], body["name"], body["plan"]) == (ORG, "Acme", "teams")
+
+
+def test_status_of_an_expired_organization_locks_credits() -> None:
+    """After the trial without a purchase: refused, credits locked, blocking prompt."""
+    body = status(facts(credits_acquired_microdollars=5_000_000), END)
+    assert body["trial"]["stage"] == "expired"
+    assert body["trial"]["days_remaining"] == 0
+    assert body["access"] == {"allowed": False, "reason": "trial_expired"}
+    assert body["credits"] == {"balance_usd": 5.0, "locked": True}
+    assert body["seats"]["unlimited"] is False
+    assert body["call_to_action"]["level"] == "blocking"
+
+
+def test_status_of_a_subscribed_enterprise_organization() -> None:
+    """Subscription details, purchased seats, enterprise pricing and the SSO note."""
+    org = facts(plan="enterprise", purchase=purchase(seats=9, expires_at=END + 100 * DAY))
+    body = status(org, END + DAY)
+    assert body["subscription"] == {
+        "status": "active",
+        "billing_cycle": "yearly",
+        "seat_count": 9,
+        "expires_at": "2027-05-25T08:00:00Z",
+    }
+    assert body["seats"]["purchased"] == 9
+    assert body["trial"]["stage"] == "expired"
+    assert body["access"] == {"allowed": True, "reason": None}
+    assert body["call_to_action"]["level"] == "none"
+    assert body["pricing"]["per_seat_yearly_usd"] == 3588
+    assert body["sso"] == {"self_serve": False, "contact_sales_url": CATALOG.contact_sales_url}
