@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import multiprocessing
 import os
 import shutil
@@ -59,10 +60,23 @@ def use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def tune_garbage_collector() -> None:
+    """Collect young objects less often, and never rescan what start-up built.
+
+    Each request allocates a few hundred short-lived objects; with the default
+    threshold (700) the collector runs every couple of requests and walks the charges
+    waiting to be written. Reference counting frees almost all of it anyway.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def run_worker(config: Config, reuse_port: bool) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight requests and exit."""
     setup_logging(config.log_level)
     use_uvloop()
+    tune_garbage_collector()
     log.info(
         "serving",
         host=config.host,
