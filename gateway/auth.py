@@ -47,7 +47,9 @@ def bearer_token(headers: CIMultiDictProxy[str]) -> str:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise InvalidApiKey("Malformed Authorization header: expected 'Bearer <key>'.")
-    if len(token) > MAX_TOKEN_LENGTH:
+    if len(token) > MAX_TOKEN_LENGTH or not (token.isascii() and token.isprintable()):
+        # Tokens we issue are printable ASCII; anything else (even bytes that are not
+        # UTF-8) is no key of ours, and is refused before hashing or a query.
         raise InvalidApiKey("Invalid API key.")
     return token
 

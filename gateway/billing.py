@@ -220,7 +220,7 @@ async def subscription_checkout_handler(request: web.Request) -> web.Response:
     customer_id = await ensure_customer(request.app, api, org)
     params = subscription_session_params(config, org, customer_id, price_id, seats, cycle)
     parts: list[object] = [org.id, customer_id, org.plan, cycle, seats]
-    key = idempotency_key("subscription", parts, request.headers.get(IDEMPOTENCY_HEADER), now())
+    key = idempotency_key("subscription", parts, client_idempotency_key(request), now())
     session = await api.create_checkout_session(params, key)
     return web.json_response({"url": session.url, "session_id": session.id})
 
@@ -232,9 +232,17 @@ async def credits_checkout_handler(request: web.Request) -> web.Response:
     customer_id = await ensure_customer(request.app, api, org)
     params = credits_session_params(request.app[CONFIG], org, customer_id, cents)
     parts: list[object] = [org.id, customer_id, cents]
-    key = idempotency_key("credits", parts, request.headers.get(IDEMPOTENCY_HEADER), now())
+    key = idempotency_key("credits", parts, client_idempotency_key(request), now())
     session = await api.create_checkout_session(params, key)
     return web.json_response({"url": session.url, "session_id": session.id})
+
+
+def client_idempotency_key(request: web.Request) -> str | None:
+    """The client's Idempotency-Key: printable ASCII of at most 255 characters, else 400."""
+    value = request.headers.get(IDEMPOTENCY_HEADER)
+    if value is not None and not (value.isascii() and value.isprintable() and len(value) <= 255):
+        raise BadRequest(f"{IDEMPOTENCY_HEADER} must be at most 255 printable ASCII characters.")
+    return value
 
 
 def now() -> float:

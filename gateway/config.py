@@ -54,6 +54,7 @@ class Config:
     upstream_timeout_seconds: float
     upstream_idle_timeout_seconds: float
     max_body_bytes: int
+    header_timeout_seconds: float
     database_pool_min_size: int
     database_pool_max_size: int
     database_query_timeout_seconds: float
@@ -129,6 +130,7 @@ def from_env(
         upstream_timeout_seconds=reader.float("UPSTREAM_TIMEOUT_SECONDS", low=0.001),
         upstream_idle_timeout_seconds=reader.float("UPSTREAM_IDLE_TIMEOUT_SECONDS", low=0.001),
         max_body_bytes=reader.int("MAX_BODY_BYTES", low=1024, high=1 << 31),
+        header_timeout_seconds=reader.float("HEADER_TIMEOUT_SECONDS", low=0.01),
         database_pool_min_size=reader.int("DATABASE_POOL_MIN_SIZE", low=0, high=1000),
         database_pool_max_size=reader.int("DATABASE_POOL_MAX_SIZE", low=1, high=1000),
         database_query_timeout_seconds=reader.float("DATABASE_QUERY_TIMEOUT_SECONDS", low=0.01),

@@ -30,7 +30,15 @@ _HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-_NOT_FORWARDED = _HOP_BY_HOP | {"host", "content-length", "authorization", "cookie", "expect"}
+# aiohttp decodes a compressed request body; the bytes sent on are the decoded ones.
+_NOT_FORWARDED = _HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "content-encoding",
+    "authorization",
+    "cookie",
+    "expect",
+}
 # Set-Cookie from OpenRouter belongs to no user of ours; content-length is re-derived.
 _NOT_RELAYED = _HOP_BY_HOP | {"set-cookie", "content-length", REQUEST_ID_HEADER.lower()}
 

@@ -274,6 +274,8 @@ async def remove_handler(request: web.Request) -> web.Response:
     """`DELETE /api/organizations/{id}/members/{user_id}`: an owner removes a member."""
     organization_id, _key, _role = await authorize_member(request, OWNERS)
     user_id = request.match_info["user_id"]
+    if "\x00" in user_id or not user_id.isprintable():
+        raise NotFound("No such member in this organization.", reason="member_not_found")
     timeout = request.app[CONFIG].database_query_timeout_seconds
     await run_query(request.app[POOL], timeout, remove_member, organization_id, user_id)
     membership_changed(request.app, organization_id, user_id)

@@ -15,11 +15,13 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import metrics
 from gateway.appkeys import CONTEXT
 from gateway.context import RequestContext
 from gateway.errors import (
+    BadRequest,
     GatewayError,
     InternalError,
     MethodNotAllowed,
@@ -88,6 +90,13 @@ async def _handle(
         response = error_response(exc, ctx)
     except web.HTTPException as exc:
         response = error_response(_from_aiohttp(exc), ctx)
+    except RequestPayloadError:
+        # The body could not be read (bad Content-Encoding, broken chunking): client error.
+        response = error_response(
+            BadRequest("The request body could not be read.", reason="malformed_request"), ctx
+        )
+        # The rest of the body cannot be read either: do not keep the connection.
+        response.force_close()
     except Exception:
         log.exception("unhandled_error", request_id=ctx.request_id, route=ctx.route)
         response = error_response(InternalError("The gateway failed; this is our fault."), ctx)

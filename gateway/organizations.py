@@ -27,7 +27,7 @@ from gateway.database import run_query
 from gateway.emails import queue_email, sales_contact_email, user_address, welcome_email
 from gateway.entitlement import billing_url, iso_utc
 from gateway.errors import BadRequest
-from gateway.payloads import choice_field, json_object, string_field
+from gateway.payloads import choice_field, json_object, require_storable, string_field
 from gateway.plans import PLAN_NAMES
 from gateway.queries import ApiKey, Queryable, fetch_org_facts
 from gateway.rule import trial_end
@@ -201,6 +201,7 @@ def sales_message(body: dict[str, Any]) -> str:
         raise BadRequest("'message' must be a string.")
     if len(message) > MAX_MESSAGE_LENGTH:
         raise BadRequest(f"'message' must be at most {MAX_MESSAGE_LENGTH} characters.")
+    require_storable(message, "message")
     return message.strip()
 
 

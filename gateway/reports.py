@@ -71,7 +71,11 @@ def _parse_instant(value: str | None, name: str) -> datetime | None:
             f"'{name}' must be an ISO 8601 date or time, like 2026-11-01 or 2026-11-01T00:00:00Z.",
             reason="invalid_period",
         ) from None
-    return instant if instant.tzinfo is not None else instant.replace(tzinfo=UTC)
+    instant = instant if instant.tzinfo is not None else instant.replace(tzinfo=UTC)
+    try:
+        return instant.astimezone(UTC)  # year 0 or 10000 in UTC does not exist
+    except OverflowError:
+        raise BadRequest(f"'{name}' is out of range.", reason="invalid_period") from None
 
 
 async def fetch_report(

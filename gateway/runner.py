@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from gateway.appkeys import CONFIG
 from gateway.errors import GatewayError
 
 log = structlog.get_logger("gateway.runner")
@@ -38,7 +39,51 @@ _MESSAGES = {
 
 
 class _EnvelopeRequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering its own errors in the gateway's envelope."""
+    """aiohttp's connection handler, answering its own errors in the gateway's envelope.
+
+    It also gives each request `header_timeout_seconds` from its first byte to complete
+    its request line and headers; aiohttp itself would wait for keepalive_timeout (an
+    hour), so clients trickling headers could hold connections (and file descriptors).
+    """
+
+    _header_deadline: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        requests_before = self._request_count
+        super().data_received(data)
+        if self._request_count > requests_before:
+            self._disarm_header_deadline()  # a whole request line and headers arrived
+        elif self._header_deadline is None and self._waiting_for_headers():
+            timeout = getattr(self._manager, "header_timeout_seconds", None)
+            if timeout:
+                self._header_deadline = self._loop.call_later(timeout, self._headers_too_slow)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_header_deadline()
+        super().connection_lost(exc)
+
+    def _waiting_for_headers(self) -> bool:
+        return self._waiter is not None and not self._waiter.done()
+
+    def _disarm_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if not self._waiting_for_headers() or self.transport is None:
+            return
+        log.info("unreadable_request", status=408, error="header_timeout")
+        body = GatewayError(
+            "The request's headers did not arrive in time.", reason="request_timeout", status=408
+        ).body()
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        )
+        self.force_close()
+        self.transport.close()
 
     def handle_error(
         self,
@@ -74,6 +119,7 @@ class GatewayRunner(web.AppRunner):
         server = await super()._make_server()
         # Same object, same state; only the connection handler it creates changes.
         server.__class__ = _EnvelopeServer
+        server.header_timeout_seconds = self._app[CONFIG].header_timeout_seconds  # type: ignore[attr-defined]
         return server
 
 

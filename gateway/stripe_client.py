@@ -135,6 +135,9 @@ def provider_errors(action: str) -> Iterator[None]:
 def verify_webhook(payload: bytes, signature: str | None, secret: str) -> dict[str, Any]:
     """The event in a webhook body whose `Stripe-Signature` verifies (300 s tolerance); else 400."""
     try:
+        if signature is not None and not signature.isascii():
+            # Stripe signs in hex; the library's compare_digest raises TypeError on others.
+            raise stripe.SignatureVerificationError("not ASCII", signature)
         event = stripe.Webhook.construct_event(payload.decode(), signature, secret)
     except (stripe.SignatureVerificationError, UnicodeDecodeError) as exc:
         raise BadRequest(
