@@ -25,7 +25,7 @@ from gateway import (
     reminders,
     webhooks,
 )
-from gateway.appkeys import CACHE, CONFIG, LEDGER, LISTENER, POOL, QUERIES, UPSTREAM
+from gateway.appkeys import CACHE, CONFIG, IN_FLIGHT, LEDGER, LISTENER, POOL, QUERIES, UPSTREAM
 from gateway.cache import FactsCache
 from gateway.config import Config
 from gateway.database import QueryLimiter, create_pool
@@ -47,6 +47,7 @@ def create_app(config: Config) -> web.Application:
         raise ValueError("create_app needs config.database_url; start the database first")
     app = web.Application(middlewares=[gateway_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
+    app[IN_FLIGHT] = set()
     app[QUERIES] = QueryLimiter(config.database_max_pending_queries)
     app[CACHE] = build_cache(app, config)
     app[LISTENER] = ChangeListener(

@@ -21,4 +21,7 @@ UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 LISTENER = web.AppKey("listener", ChangeListener)
 LEDGER = web.AppKey("ledger", UsageLedger)
 
+# The tasks of requests being handled, so that shutdown can wait for them, then cancel.
+IN_FLIGHT = web.AppKey("in_flight", set)
+
 CONTEXT = web.RequestKey("context", RequestContext)

@@ -54,6 +54,7 @@ class Config:
     upstream_timeout_seconds: float
     upstream_idle_timeout_seconds: float
     max_body_bytes: int
+    proxy_allowed_paths: tuple[str, ...]
     header_timeout_seconds: float
     database_pool_min_size: int
     database_pool_max_size: int
@@ -130,6 +131,9 @@ def from_env(
         upstream_timeout_seconds=reader.float("UPSTREAM_TIMEOUT_SECONDS", low=0.001),
         upstream_idle_timeout_seconds=reader.float("UPSTREAM_IDLE_TIMEOUT_SECONDS", low=0.001),
         max_body_bytes=reader.int("MAX_BODY_BYTES", low=1024, high=1 << 31),
+        proxy_allowed_paths=tuple(
+            p.strip() for p in reader.required_str("PROXY_ALLOWED_PATHS").split(",") if p.strip()
+        ),
         header_timeout_seconds=reader.float("HEADER_TIMEOUT_SECONDS", low=0.01),
         database_pool_min_size=reader.int("DATABASE_POOL_MIN_SIZE", low=0, high=1000),
         database_pool_max_size=reader.int("DATABASE_POOL_MAX_SIZE", low=1, high=1000),

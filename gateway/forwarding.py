@@ -68,6 +68,22 @@ def upstream_path(raw_path: str) -> str:
     return tail
 
 
+def is_proxied(tail: str, allowed: tuple[str, ...]) -> bool:
+    """True when the upstream path is one the extension may reach through the gateway.
+
+    Patterns are exact paths, or prefixes ending in `/*`. Everything else (account-wide
+    endpoints such as `credits`, `key` or `keys`, which would show or change the
+    gateway's own OpenRouter account) is refused.
+    """
+    for pattern in allowed:
+        if pattern.endswith("/*"):
+            if tail.startswith(pattern[:-1]):
+                return True
+        elif tail == pattern:
+            return True
+    return False
+
+
 def _invalid_path() -> BadRequest:
     return BadRequest(
         "The requested path is not a valid OpenRouter API path.", reason="invalid_path"

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import metrics
-from gateway.appkeys import CONTEXT
+from gateway.appkeys import CONTEXT, IN_FLIGHT
 from gateway.context import RequestContext
 from gateway.errors import (
     BadRequest,
@@ -66,6 +66,9 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     started = time.perf_counter()
     ctx = RequestContext(new_request_id(), route_of(request))
     request[CONTEXT] = ctx
+    in_flight = request.app[IN_FLIGHT]
+    task = asyncio.current_task()
+    in_flight.add(task)
     status = 500
     try:
         response = await _handle(request, handler, ctx)
@@ -75,6 +78,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = CLIENT_CLOSED_REQUEST
         raise
     finally:
+        in_flight.discard(task)
         duration = time.perf_counter() - started
         metrics.count_request(ctx.route, request.method, status)
         metrics.REQUEST_DURATION.observe(duration)

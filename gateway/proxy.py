@@ -24,12 +24,14 @@ from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.errors import (
     GatewayError,
+    NotFound,
     UpstreamPaymentRequired,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
 from gateway.forwarding import (
     forward_headers,
+    is_proxied,
     metric_route,
     relay_headers,
     upstream_path,
@@ -54,6 +56,11 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     config, ctx = app[CONFIG], request[CONTEXT]
     tail = upstream_path(request.rel_url.raw_path)
     ctx.route = metric_route(tail)
+    if not is_proxied(tail, config.proxy_allowed_paths):
+        raise NotFound(
+            "This OpenRouter endpoint is not available through Kilo Code.",
+            reason="endpoint_not_proxied",
+        )
     key = await authenticate(request.headers, app[CACHE])
     ctx.user_id = key.user_id
     body = await request.read()

@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from gateway.appkeys import CONFIG
+from gateway.appkeys import CONFIG, IN_FLIGHT
 from gateway.errors import GatewayError
 
 log = structlog.get_logger("gateway.runner")
@@ -131,7 +131,12 @@ def runner_for(app: web.Application, **kwargs: Any) -> GatewayRunner:
 async def serve_until_signalled(
     app: web.Application, host: str, port: int, *, reuse_port: bool, shutdown_timeout: float
 ) -> None:
-    """Serve until SIGTERM or SIGINT; then stop accepting, let requests finish, clean up."""
+    """Serve until SIGTERM or SIGINT; then stop accepting, let requests finish, clean up.
+
+    In-flight requests (streams included) get `shutdown_timeout` seconds in all; those
+    still running then are cancelled, which records their charges, before the
+    application's resources close (the usage writer flushes last).
+    """
     runner = runner_for(app, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
@@ -143,5 +148,20 @@ async def serve_until_signalled(
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("shutting_down", drain_timeout_seconds=shutdown_timeout)
+        for running_site in list(runner.sites):
+            await running_site.stop()  # no new connections from here on
+        await drain(app[IN_FLIGHT], shutdown_timeout)
     finally:
         await runner.cleanup()
+
+
+async def drain(in_flight: set[asyncio.Task[Any]], timeout_seconds: float) -> None:
+    """Wait for in-flight requests up to the timeout, then cancel the rest."""
+    if in_flight:
+        await asyncio.wait(set(in_flight), timeout=timeout_seconds)
+    leftovers = set(in_flight)
+    for task in leftovers:
+        task.cancel()
+    if leftovers:
+        log.warning("drain_timeout_cancelled_requests", requests=len(leftovers))
+        await asyncio.wait(leftovers, timeout=1.0)

@@ -181,11 +181,32 @@ async def test_query_string_is_forwarded_unchanged(
 ) -> None:
     """The query string reaches the upstream exactly as the client encoded it."""
     member = await org_member(seed)
-    path = f"/api/openrouter/some/thing?{query}"
+    path = f"/api/openrouter/generation?{query}"
     reply = await call(client, gateway, path, method="GET", token=member.token)
     assert reply.status == 200, reply.body
-    assert upstream.recorder.last.path == "/api/v1/some/thing"
+    assert upstream.recorder.last.path == "/api/v1/generation"
     assert upstream.recorder.last.query_string == query
+
+
+@pytest.mark.parametrize(
+    "path", ["credits", "key", "auth/key", "keys", "activity", "some/thing", "keys/abc"]
+)
+async def test_account_wide_endpoints_are_not_proxied(
+    gateway: RunningGateway,
+    upstream: RunningUpstream,
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    path: str,
+) -> None:
+    """Paths outside the allow-list (our own OpenRouter account's) get 404, never upstream."""
+    member = await org_member(seed)
+    received_before = upstream.recorder.received
+    for method in ("GET", "POST", "DELETE"):
+        reply = await call(
+            client, gateway, f"/api/openrouter/{path}", method=method, token=member.token
+        )
+        assert_envelope(reply, 404, "endpoint_not_proxied")
+    assert upstream.recorder.received == received_before
 
 
 # --- 401 invalid_api_key ------------------------------------------------------------------
