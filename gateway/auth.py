@@ -40,10 +40,13 @@ def hash_token(token: str) -> str:
 
 def bearer_token(headers: CIMultiDictProxy[str]) -> str:
     """The token of `Authorization: Bearer <token>`, or 401."""
-    header = headers.get("Authorization")
-    if header is None:
+    values = headers.getall("Authorization", ())
+    if not values:
         raise InvalidApiKey("Missing API key: send it as 'Authorization: Bearer <key>'.")
-    scheme, _, token = header.partition(" ")
+    if len(values) > 1:
+        # Which one a proxy in front would pick is anyone's guess: accept neither.
+        raise InvalidApiKey("Send exactly one Authorization header.")
+    scheme, _, token = values[0].partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise InvalidApiKey("Malformed Authorization header: expected 'Bearer <key>'.")
@@ -78,7 +81,12 @@ async def resolve_organization(
     headers: CIMultiDictProxy[str], key: ApiKey, cache: FactsCache
 ) -> str:
     """The organization the request is for: header, else the key's, else the user's only one."""
-    header = headers.get(ORGANIZATION_HEADER)
+    values = headers.getall(ORGANIZATION_HEADER, ())
+    if len(values) > 1:
+        raise BadRequest(
+            f"Send exactly one {ORGANIZATION_HEADER} header.", reason="invalid_organization_id"
+        )
+    header = values[0] if values else None
     if header is not None and header.strip():
         organization_id = parse_organization_id(header.strip())
         if key.organization_id is not None and key.organization_id != organization_id:
