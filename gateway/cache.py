@@ -67,10 +67,10 @@ class Lookup(Generic[K, V]):
         self._absent: TTLCache[K, bool] = TTLCache(maxsize, negative_ttl_seconds or ttl_seconds)
         self._stale_on = stale_on
         self._on_stale = on_stale
+        # One load per key. An eviction removes the key's load from here: a load that
+        # started before the change may have read the old row, so when it finishes it
+        # hands its answer to its waiters but does not keep it.
         self._inflight: dict[K, asyncio.Future[V | None]] = {}
-        # Bumped by every eviction: a load that started before it may have read the old
-        # row, so its answer is handed to its waiters but not kept.
-        self._generation = 0
         # Entries read before this instant must be read again before they are trusted.
         self._confirmed_after = float("-inf")
 
@@ -119,13 +119,14 @@ class Lookup(Generic[K, V]):
         """The load in flight for `key`, started now if there is none."""
         pending = self._inflight.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._load_and_store(key, self._generation))
+            pending = asyncio.ensure_future(self._load_and_store(key))
             # Mark the outcome retrieved: an error nobody awaits is not an unhandled one.
             pending.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._inflight[key] = pending
         return pending
 
-    async def _load_and_store(self, key: K, generation: int) -> V | None:
+    async def _load_and_store(self, key: K) -> V | None:
+        current = False
         try:
             value = await self._load(key)
         except self._stale_on:
@@ -135,9 +136,11 @@ class Lookup(Generic[K, V]):
             self._on_stale()
             return entry.value
         finally:
-            if self._inflight.get(key) is asyncio.current_task():
+            # Still the key's registered load: nothing evicted the key meanwhile.
+            current = self._inflight.get(key) is asyncio.current_task()
+            if current:
                 del self._inflight[key]
-        if generation == self._generation:
+        if current:
             self._store(key, value)
         return value
 
@@ -151,7 +154,6 @@ class Lookup(Generic[K, V]):
 
     def evict(self, key: K) -> None:
         """Forget `key`, found or absent: it is known to have changed."""
-        self._generation += 1
         self._found.pop(key, None)
         self._absent.pop(key, None)
         # Later callers must not join a load that may have read the old row.
@@ -160,7 +162,6 @@ class Lookup(Generic[K, V]):
     def invalidate(self, key: K) -> None:
         """`key` may have changed: read it again before trusting it, but keep the old value
         for an outage (billing facts, unlike keys and memberships, may be served stale)."""
-        self._generation += 1
         self._inflight.pop(key, None)
         self._absent.pop(key, None)
         entry = self._found.get(key)
@@ -169,14 +170,12 @@ class Lookup(Generic[K, V]):
 
     def evict_where(self, predicate: Callable[[K, V], bool]) -> None:
         """Forget every found entry for which `predicate(key, value)` holds."""
-        self._generation += 1
         self._inflight.clear()
         for key in [k for k, e in list(self._found.items()) if predicate(k, e.value)]:
             self._found.pop(key, None)
 
     def forget_absent(self) -> None:
         """Forget every "does not exist" entry (something was just created)."""
-        self._generation += 1
         self._inflight.clear()
         self._absent.clear()
 
@@ -186,14 +185,12 @@ class Lookup(Generic[K, V]):
         Used when change notifications may have been missed: an outage then serves the
         last known values (stale-if-error) instead of failing every request.
         """
-        self._generation += 1
         self._inflight.clear()
         self._absent.clear()
         self._confirmed_after = time.monotonic()
 
     def clear(self) -> None:
         """Forget everything."""
-        self._generation += 1
         self._found.clear()
         self._absent.clear()
         self._inflight.clear()
