@@ -44,8 +44,10 @@ class Lookup(Generic[K, V]):
     `None` from the loader means "does not exist" and is kept for `negative_ttl_seconds`.
     Found values stay `stale_seconds` past their TTL: when a reload fails with one of
     `stale_on` (the database is down), the last known value is served instead of an error.
-    With `revalidate_in_background`, a value past its TTL (or marked for re-reading) is
-    served while one reload runs behind it, so no request waits on a refresh.
+    A value past its TTL is served while one reload runs behind it, so no request waits
+    on a refresh; a value a change notification may have touched (marked for re-reading)
+    is served that way only with `revalidate_in_background` (billing facts), and is
+    otherwise re-read before use.
     """
 
     def __init__(
@@ -78,12 +80,13 @@ class Lookup(Generic[K, V]):
         """The cached value, None when cached as absent, or `MISSING` (the caller loads)."""
         entry = self._found.get(key)
         if entry is not None:
-            if (
-                entry.loaded_at >= self._confirmed_after
-                and time.monotonic() - entry.loaded_at < self._ttl
-            ):
+            confirmed = entry.loaded_at >= self._confirmed_after
+            if confirmed and time.monotonic() - entry.loaded_at < self._ttl:
                 return entry.value
-            if self._revalidate_in_background:
+            # Past its TTL but never contradicted by a notification (a change would have
+            # evicted it), or a billing fact: serve it while one refresh runs, so no
+            # request waits on a refresh, however slow the database is.
+            if confirmed or self._revalidate_in_background:
                 self._start_load(key)
                 return entry.value
         if key in self._absent:

@@ -184,6 +184,40 @@ async def test_found_values_expire_after_the_ttl() -> None:
     assert loader.calls == ["k", "k"]
 
 
+async def test_past_the_ttl_the_last_value_serves_while_one_refresh_runs() -> None:
+    """Within the stale window, an expired value is served at once and re-read behind it."""
+    loader = CountingLoader({"k": "v1"})
+    lookup: Lookup[str, str] = Lookup(loader, ttl_seconds=0.05, stale_seconds=60)
+    assert await lookup.get("k") == "v1"
+    await wait_until(lambda: not lookup.is_fresh("k"), DEADLINE_SECONDS)
+    loader.values["k"] = "v2"
+    gate = loader.hold()
+
+    # A slow database holds nobody up: both callers get the last value, one load runs.
+    assert lookup.cached("k") == "v1"
+    assert lookup.cached("k") == "v1"
+    assert loader.calls == ["k", "k"]
+    gate.set()
+    await wait_until(lambda: lookup.is_fresh("k"), DEADLINE_SECONDS)
+    assert lookup.cached("k") == "v2"
+
+
+async def test_values_notifications_may_have_missed_are_read_again_first() -> None:
+    """After revalidate_all, a key lookup waits for a fresh read; billing facts do not."""
+    loader = CountingLoader({"k": "v1"})
+    keys: Lookup[str, str] = Lookup(loader, ttl_seconds=60, stale_seconds=60)
+    facts: Lookup[str, str] = Lookup(
+        loader, ttl_seconds=60, stale_seconds=60, revalidate_in_background=True
+    )
+    assert await keys.get("k") == "v1"
+    assert await facts.get("k") == "v1"
+    keys.revalidate_all()
+    facts.revalidate_all()
+
+    assert keys.cached("k") is MISSING
+    assert facts.cached("k") == "v1"
+
+
 async def test_negative_ttl_defaults_to_the_ttl() -> None:
     """Without a negative TTL, absent entries live as long as found ones."""
     loader = CountingLoader()
