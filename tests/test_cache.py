@@ -192,9 +192,12 @@ async def test_past_the_ttl_the_last_value_serves_while_one_refresh_runs() -> No
     await wait_until(lambda: not lookup.is_fresh("k"), DEADLINE_SECONDS)
     loader.values["k"] = "v2"
     gate = loader.hold()
+    loader.started.clear()
 
     # A slow database holds nobody up: both callers get the last value, one load runs.
     assert lookup.cached("k") == "v1"
+    assert lookup.cached("k") == "v1"
+    await started_load(loader)
     assert lookup.cached("k") == "v1"
     assert loader.calls == ["k", "k"]
     gate.set()
