@@ -51,7 +51,7 @@ def create_app(config: Config) -> web.Application:
     app[QUERIES] = QueryLimiter(config.database_max_pending_queries)
     app[CACHE] = build_cache(app, config)
     app[LISTENER] = ChangeListener(
-        config.database_url,
+        config.database_listen_url or config.database_url,
         on_change=app[CACHE].apply_change,
         on_reset=app[CACHE].revalidate_all,
         # The database answers again: stop failing fast.

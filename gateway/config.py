@@ -40,6 +40,9 @@ class Config:
     """Everything the gateway needs to know, validated; passed to `create_app`."""
 
     database_url: str | None
+    # LISTEN needs a session of its own: behind PgBouncer in transaction mode, point this
+    # at PostgreSQL directly. Unset: the same as database_url.
+    database_listen_url: str | None
     openrouter_base_url: str  # no trailing slash
     openrouter_api_key: str = dataclasses.field(repr=False)
     host: str
@@ -113,6 +116,7 @@ def from_env(
     reader = _Reader(env, file.get("env", {}))
     return Config(
         database_url=reader.optional_str("DATABASE_URL"),
+        database_listen_url=reader.optional_str("DATABASE_LISTEN_URL"),
         openrouter_base_url=str(reader.http_url("OPENROUTER_BASE_URL")).rstrip("/"),
         openrouter_api_key=(
             reader.required_str("OPENROUTER_API_KEY")
