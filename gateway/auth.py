@@ -77,6 +77,12 @@ def parse_organization_id(value: str, source: str = f"The {ORGANIZATION_HEADER} 
     return value.lower()
 
 
+def refuse_other_organizations(key: ApiKey, organization_id: str) -> None:
+    """A key bound to an organization acts for that one only; else 403."""
+    if key.organization_id is not None and key.organization_id != organization_id:
+        raise Forbidden("This API key belongs to another organization.", reason="not_a_member")
+
+
 async def resolve_organization(
     headers: CIMultiDictProxy[str], key: ApiKey, cache: FactsCache
 ) -> str:
@@ -89,8 +95,7 @@ async def resolve_organization(
     header = values[0] if values else None
     if header is not None and header.strip():
         organization_id = parse_organization_id(header.strip())
-        if key.organization_id is not None and key.organization_id != organization_id:
-            raise Forbidden("This API key belongs to another organization.", reason="not_a_member")
+        refuse_other_organizations(key, organization_id)
         return organization_id
     if key.organization_id is not None:
         return key.organization_id
@@ -120,8 +125,7 @@ async def require_role(
     key: ApiKey, organization_id: str, cache: FactsCache, roles: frozenset[str]
 ) -> str:
     """The key's user's role in the organization when it is one of `roles`, else 403."""
-    if key.organization_id is not None and key.organization_id != organization_id:
-        raise Forbidden("This API key belongs to another organization.", reason="not_a_member")
+    refuse_other_organizations(key, organization_id)
     role = await cache.roles.get((organization_id, key.user_id))
     if role is None:
         raise Forbidden("You are not a member of this organization.", reason="not_a_member")

@@ -24,6 +24,7 @@ from gateway.appkeys import CACHE, CONFIG, CONTEXT, POOL
 from gateway.auth import authenticate, parse_organization_id, require_role
 from gateway.config import Config
 from gateway.database import run_query
+from gateway.entitlement import billing_url
 from gateway.errors import BadRequest, NotFound
 from gateway.payloads import choice_field, json_object
 from gateway.plans import BILLING_CYCLES
@@ -135,7 +136,7 @@ def idempotency_key(kind: str, parts: list[object], client_key: str | None, now:
 
 def return_urls(config: Config, organization_id: str) -> dict[str, str]:
     """Where Checkout sends the browser back to: the organization's billing page."""
-    page = f"{config.app_url}/organizations/{organization_id}/billing"
+    page = billing_url(config.app_url, organization_id)
     return {"success_url": f"{page}?checkout=success", "cancel_url": f"{page}?checkout=cancelled"}
 
 

@@ -12,9 +12,15 @@ from datetime import UTC, datetime
 
 from gateway.config import EnforcementMode
 from gateway.errors import PaymentRequired
-from gateway.rule import OrgFacts, Reason, Verdict, decide, decide_credits, is_free_model
-
-MICRODOLLARS_PER_USD = 1_000_000
+from gateway.rule import (
+    MICRODOLLARS_PER_USD,
+    OrgFacts,
+    Reason,
+    Verdict,
+    decide,
+    decide_credits,
+    is_free_model,
+)
 
 _TITLES = {
     Reason.TRIAL_EXPIRED: "Your free trial has ended",

@@ -14,10 +14,9 @@ import json
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
-from gateway.rule import is_free_model
+from gateway.rule import MICRODOLLARS_PER_USD, is_free_model
 from gateway.usage import Charge
 
-MICRODOLLARS_PER_USD = 1_000_000
 BIGINT_MAX = 2**63 - 1
 METERED_PATHS = frozenset({"chat/completions", "completions"})
 # A usage line longer than this is not a usage line; stop buffering rather than grow.

@@ -48,13 +48,3 @@ def choice_field(body: dict[str, Any], name: str, choices: tuple[str, ...], defa
     if value not in choices:
         raise BadRequest(f"'{name}' must be one of: {', '.join(choices)}.")
     return str(value)
-
-
-def int_field(body: dict[str, Any], name: str, *, low: int, high: int) -> int:
-    """A required whole number in [low, high]."""
-    value = body.get(name)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise BadRequest(f"'{name}' is required and must be a whole number.")
-    if not low <= value <= high:
-        raise BadRequest(f"'{name}' must be between {low} and {high}.")
-    return value

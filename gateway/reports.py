@@ -16,9 +16,9 @@ from gateway.auth import authenticate, parse_organization_id, require_role
 from gateway.database import run_query
 from gateway.errors import BadRequest
 from gateway.queries import Queryable
+from gateway.rule import MICRODOLLARS_PER_USD
 
 DEFAULT_PERIOD = timedelta(days=30)
-MICRODOLLARS_PER_USD = 1_000_000
 REPORT_ROLES = frozenset({"owner", "billing_manager"})
 
 _TOTALS_SQL = """

@@ -24,6 +24,8 @@ import dataclasses
 from enum import StrEnum
 
 SECONDS_PER_DAY = 86_400
+# Money is integer microdollars everywhere (1 USD = 1,000,000).
+MICRODOLLARS_PER_USD = 1_000_000
 FREE_MODEL_SUFFIX = ":free"
 PAYING_STATUSES = frozenset({"active", "pending_cancel", "past_due"})
 

@@ -33,6 +33,7 @@ import structlog
 
 from gateway import metrics
 from gateway.database import UNAVAILABLE_ERRORS
+from gateway.rule import MICRODOLLARS_PER_USD
 from gateway.spool import Spool, append_rejected, read_records
 
 log = structlog.get_logger("gateway.usage")
@@ -40,7 +41,7 @@ log = structlog.get_logger("gateway.usage")
 INT4_MAX = 2**31 - 1
 # No single request costs more than this; a larger figure from the upstream is an error,
 # charged at this ceiling (and logged) rather than overflowing the ledger.
-MAX_COST_MICRODOLLARS = 10_000 * 1_000_000
+MAX_COST_MICRODOLLARS = 10_000 * MICRODOLLARS_PER_USD
 MAX_MODEL_LENGTH = 300
 # Errors worth retrying as they are: serialization failures and deadlocks.
 _RETRY_SQLSTATE_CLASS = "40"

@@ -36,6 +36,7 @@ from gateway.database import run_query
 from gateway.errors import BadRequest, BillingUnavailable
 from gateway.plans import Catalog
 from gateway.queries import Queryable
+from gateway.rule import MICRODOLLARS_PER_USD
 from gateway.stripe_client import StripeApi, require_stripe, verify_webhook
 from gateway.stripe_subscriptions import (
     apply_subscription,
@@ -159,7 +160,7 @@ async def record_event(conn: Queryable, event: Event) -> bool:
 
 async def credit_ledger(conn: Queryable, payment: CreditPayment) -> str:
     """Add the payment's credits to the ledger, once per payment."""
-    usd = payment.amount_microdollars / 1_000_000
+    usd = payment.amount_microdollars / MICRODOLLARS_PER_USD
     description = f"Credits bought through Stripe (${usd:,.2f})"
     row = await conn.fetchval(
         _CREDIT_SQL,
