@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from gateway import (
@@ -38,7 +37,10 @@ from gateway.proxy import proxy_handler
 from gateway.queries import ApiKey
 from gateway.reports import usage_report_handler
 from gateway.rule import OrgFacts
+from gateway.upstream import UpstreamClient
 from gateway.usage import UsageLedger
+
+CONNECT_TIMEOUT_SECONDS = 10.0
 
 
 def create_app(config: Config) -> web.Application:
@@ -145,19 +147,13 @@ async def database_pool(app: web.Application) -> AsyncIterator[None]:
 
 
 async def upstream_session(app: web.Application) -> AsyncIterator[None]:
-    """One pooled client session to OpenRouter for the whole process."""
+    """One pool of keep-alive connections to OpenRouter for the whole process."""
     config = app[CONFIG]
-    app[UPSTREAM] = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-        # Bytes pass through as the upstream sent them, compressed or not.
-        auto_decompress=False,
-        # Nothing from one user's upstream response may ride along on another's request.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        # The client's User-Agent passes through; aiohttp's own is not added.
-        skip_auto_headers=("User-Agent",),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=10, sock_read=config.upstream_idle_timeout_seconds
-        ),
+    app[UPSTREAM] = UpstreamClient(
+        config.openrouter_base_url,
+        connect_timeout_seconds=min(CONNECT_TIMEOUT_SECONDS, config.upstream_timeout_seconds),
+        head_timeout_seconds=config.upstream_timeout_seconds,
+        idle_timeout_seconds=config.upstream_idle_timeout_seconds,
     )
     yield
     await app[UPSTREAM].close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import aiohttp
 import asyncpg
 from aiohttp import web
 
@@ -11,13 +10,14 @@ from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.database import QueryLimiter
 from gateway.listener import ChangeListener
+from gateway.upstream import UpstreamClient
 from gateway.usage import UsageLedger
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
 QUERIES = web.AppKey("queries", QueryLimiter)
 CACHE = web.AppKey("cache", FactsCache)
-UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
 LISTENER = web.AppKey("listener", ChangeListener)
 LEDGER = web.AppKey("ledger", UsageLedger)
 

@@ -7,7 +7,6 @@ OpenRouter (and what may come back) is tested without a socket.
 from __future__ import annotations
 
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from gateway.errors import BadRequest
 
@@ -90,12 +89,10 @@ def _invalid_path() -> BadRequest:
     )
 
 
-def upstream_url(base: str, tail: str, query_string: str) -> URL:
-    """`{base}/{tail}?{query}`, without re-encoding what the client encoded."""
-    url = f"{base}/{tail}"
-    if query_string:
-        url = f"{url}?{query_string}"
-    return URL(url, encoded=True)
+def upstream_target(base_path: str, tail: str, query_string: str) -> str:
+    """The request target `{base_path}/{tail}?{query}`, as the client encoded it."""
+    target = f"{base_path}/{tail}"
+    return f"{target}?{query_string}" if query_string else target
 
 
 def forward_headers(headers: CIMultiDictProxy[str], upstream_key: str) -> CIMultiDict[str]:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import time
 
-import aiohttp
 from aiohttp import web
 
 from gateway import metrics
@@ -22,23 +21,18 @@ from gateway.appkeys import CACHE, CONFIG, CONTEXT, LEDGER, UPSTREAM
 from gateway.auth import Caller, authenticate
 from gateway.config import Config
 from gateway.context import RequestContext
-from gateway.errors import (
-    GatewayError,
-    NotFound,
-    UpstreamPaymentRequired,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-)
+from gateway.errors import GatewayError, NotFound, UpstreamPaymentRequired
 from gateway.forwarding import (
     forward_headers,
     is_proxied,
     metric_route,
     relay_headers,
     upstream_path,
-    upstream_url,
+    upstream_target,
 )
 from gateway.metering import METERED_PATHS, Meter
 from gateway.middleware import CLIENT_CLOSED_REQUEST
+from gateway.upstream import UpstreamBroke, UpstreamResponse
 from gateway.usage import UsageLedger
 
 WOULD_BLOCK_HEADER = "X-Gateway-Would-Block"
@@ -46,8 +40,6 @@ _SSE_ERROR_EVENT = (
     b'data: {"error":{"code":502,"message":"The upstream connection was lost mid-stream."}'
     b',"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]}\n\n'
 )
-# The upstream broke off mid-response (as opposed to our client going away).
-_UPSTREAM_BROKE = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, TimeoutError)
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
@@ -122,24 +114,16 @@ class _Charger:
 
 async def send_upstream(
     request: web.Request, config: Config, ctx: RequestContext, tail: str, body: bytes
-) -> aiohttp.ClientResponse:
+) -> UpstreamResponse:
     """Forward the request; return once the upstream's headers arrive (502/504 otherwise)."""
-    session = request.app[UPSTREAM]
-    url = upstream_url(config.openrouter_base_url, tail, request.rel_url.raw_query_string)
+    client = request.app[UPSTREAM]
+    target = upstream_target(client.base_path, tail, request.rel_url.raw_query_string)
     headers = forward_headers(request.headers, config.openrouter_api_key)
     if request.method not in READ_METHODS:
         # Plain bytes back for what the gateway meters; reads keep their compression.
         headers.popall("Accept-Encoding", None)
     started = time.perf_counter()
-    try:
-        async with asyncio.timeout(config.upstream_timeout_seconds):
-            upstream = await session.request(
-                request.method, url, headers=headers, data=body or None, allow_redirects=False
-            )
-    except TimeoutError as exc:
-        raise UpstreamTimeout("OpenRouter did not answer in time; retry shortly.") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnreachable("The gateway could not reach OpenRouter; retry shortly.") from exc
+    upstream = await client.request(request.method, target, headers.items(), body)
     ctx.ttfb_seconds = time.perf_counter() - started
     ctx.upstream_status = upstream.status
     metrics.UPSTREAM_TTFB.observe(ctx.ttfb_seconds)
@@ -152,15 +136,26 @@ async def send_upstream(
     return upstream
 
 
+class _RelayedResponse(web.StreamResponse):
+    """A streamed response whose headers leave together with the first body bytes.
+
+    One write instead of two for every response that arrives whole (most non-streamed
+    completions): on loopback each write costs about as much as parsing the request.
+    aiohttp's own `web.Response` buffers its headers the same way.
+    """
+
+    _send_headers_immediately = False
+
+
 async def relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     ctx: RequestContext,
     would_block: str | None,
     charge: _Charger | None = None,
 ) -> web.StreamResponse:
     """Stream the upstream response to the client chunk by chunk, as it arrives."""
-    response = web.StreamResponse(
+    response = _RelayedResponse(
         status=upstream.status,
         reason=upstream.reason,
         headers=relay_headers(upstream.headers, ctx.request_id),
@@ -178,14 +173,20 @@ async def relay(
     client_gone = True  # until the response ends one of the known ways
     try:
         await response.prepare(request)
-        async for chunk in upstream.content.iter_any():
+        chunk = upstream.buffered()
+        if not chunk and not upstream.complete:
+            # No body bytes yet: the headers go now, as the upstream sent them.
+            await response.write(b"")
+            chunk = await upstream.read_chunk()
+        while chunk:
             await response.write(chunk)
             if meter is not None:
                 meter.feed(chunk)
+            chunk = await upstream.read_chunk()
         client_gone = False
         await response.write_eof()
         return response
-    except _UPSTREAM_BROKE:
+    except UpstreamBroke:
         client_gone = False
         await _end_broken_stream(request, response, upstream)
         return response
@@ -197,7 +198,7 @@ async def relay(
         metrics.ACTIVE_STREAMS.dec()
         if charge is not None:
             charge(upstream.status, cancelled=client_gone)
-        if upstream.content.at_eof():
+        if upstream.complete:
             upstream.release()
         else:
             # Closing the connection of a response not read to the end is what tells the
@@ -206,7 +207,7 @@ async def relay(
 
 
 async def _end_broken_stream(
-    request: web.Request, response: web.StreamResponse, upstream: aiohttp.ClientResponse
+    request: web.Request, response: web.StreamResponse, upstream: UpstreamResponse
 ) -> None:
     """The upstream died mid-response: say so in the stream's own terms, then cut it.
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from gateway.errors import BadRequest
 from gateway.forwarding import (
@@ -19,8 +20,9 @@ from gateway.forwarding import (
     metric_route,
     relay_headers,
     upstream_path,
-    upstream_url,
+    upstream_target,
 )
+from gateway.upstream import Origin
 
 BASE_URL = "https://openrouter.ai/api/v1"
 UPSTREAM_KEY = "sk-or-v1-gateway-upstream-key"
@@ -214,6 +216,13 @@ class TestUpstreamPathProperty:
     def test_text_without_query_or_fragment_stays_under_base(self, tail: str):
         """For any tail aiohttp could deliver (a raw path has no ? or #), the property holds."""
         self._assert_stays_under_base(tail)
+
+
+def upstream_url(base_url: str, tail: str, query: str) -> URL:
+    """The URL the upstream client requests: its origin plus the request target."""
+    origin = Origin.parse(base_url)
+    target = upstream_target(origin.base_path, tail, query)
+    return URL(f"{origin.scheme}://{origin.host_header}{target}", encoded=True)
 
 
 class TestUpstreamUrl:
