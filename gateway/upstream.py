@@ -145,7 +145,7 @@ class _Connection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._is_head_request = False
         self._buffer = b""
-        self._received_any = False
+        self.received_any = False
         self._framing = "head"  # head, length, chunked, close, done
         self._remaining = 0  # bytes left: of a Content-Length body or of a chunk
         self._chunk_state = "size"  # size, data, data_end, trailers
@@ -169,7 +169,7 @@ class _Connection(asyncio.Protocol):
             # Bytes nobody asked for (on an idle connection): the stream is out of step.
             self.abort()
             return
-        self._received_any = True
+        self.received_any = True
         self._last_data = self._loop.time()
         try:
             if self._framing == "head":
@@ -230,7 +230,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self, method: str) -> None:
         self._is_head_request = method == "HEAD"
         self._buffer = b""
-        self._received_any = False
+        self.received_any = False
         self._framing = "head"
         self._chunk_state = "size"
         self._remaining = 0
@@ -252,9 +252,9 @@ class _Connection(asyncio.Protocol):
     def _feed_head(self, data: bytes) -> None:
         buffer = self._buffer + data if self._buffer else data
         end = buffer.find(b"\r\n\r\n")
+        if end > MAX_HEAD_BYTES or (end == -1 and len(buffer) > MAX_HEAD_BYTES):
+            raise UpstreamBroke("The upstream sent a response head that is too long.")
         if end == -1:
-            if len(buffer) > MAX_HEAD_BYTES:
-                raise UpstreamBroke("The upstream sent a response head that is too long.")
             self._buffer = buffer
             return
         self._buffer = b""
@@ -306,7 +306,7 @@ class _Connection(asyncio.Protocol):
         if not lengths:
             self._framing, self._keep_alive = "close", False
             return None
-        if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+        if len(lengths) != 1 or not _is_ascii_digits(next(iter(lengths))):
             raise UpstreamBroke("The upstream sent an invalid Content-Length.")
         self._remaining = int(next(iter(lengths)))
         self._framing = "length" if self._remaining else "done"
@@ -384,7 +384,6 @@ class _Connection(asyncio.Protocol):
         self._framing = "done"
         self.body_done = True
         self._cancel_timers()
-        self.reusable = self._keep_alive
         self._wake()
 
     def _fail(self, error: Exception) -> None:
@@ -470,7 +469,8 @@ class _Connection(asyncio.Protocol):
         )
 
     def finish(self) -> None:
-        if self.reusable and self.body_done and not self.chunks and self.transport is not None:
+        if self._keep_alive and self.body_done and not self.chunks and self.transport is not None:
+            self.reusable = True
             self._client.put_back(self)
         else:
             self.abort()
@@ -487,7 +487,7 @@ def _parse_head(head: bytes) -> tuple[str, int, str, CIMultiDictProxy[str]]:
     lines = head.decode("utf-8", "surrogateescape").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+    if not version.startswith("HTTP/1.") or len(code) != 3 or not _is_ascii_digits(code):
         raise UpstreamBroke("The upstream sent something that is not an HTTP/1.1 response.")
     headers: CIMultiDict[str] = CIMultiDict()
     for line in lines[1:]:
@@ -496,6 +496,12 @@ def _parse_head(head: bytes) -> tuple[str, int, str, CIMultiDictProxy[str]]:
             raise UpstreamBroke("The upstream sent a malformed header.")
         headers.add(name, value.strip(" \t"))
     return version, int(code), reason, CIMultiDictProxy(headers)
+
+
+def _is_ascii_digits(text: str) -> bool:
+    # str.isdigit() also takes fullwidth and superscript digits, which int() reads
+    # differently or not at all.
+    return text.isascii() and text.isdigit()
 
 
 def _chunk_size(line: bytes) -> int:
@@ -546,19 +552,18 @@ class UpstreamClient:
         while True:
             if conn is None:
                 conn = await self._connect()
-            waiter = conn.send(method, target, headers, body)
             try:
-                return await waiter
+                return await conn.send(method, target, headers, body)
             except _LostBeforeHead as exc:
-                if retry and not conn._received_any:
+                if retry and not conn.received_any:
                     retry, conn = False, None
                     continue
                 raise UpstreamUnreachable(_UNREACHABLE) from exc
             except UpstreamBroke as exc:
                 raise UpstreamUnreachable(_UNREACHABLE) from exc
             except BaseException:
-                # Cancelled (the client went away) or timed out: closing the connection
-                # is what tells the upstream to stop.
+                # Cancelled (the client went away), timed out, or a header we cannot
+                # send: closing the connection is also what tells the upstream to stop.
                 conn.abort()
                 raise
 
