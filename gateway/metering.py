@@ -9,23 +9,26 @@ that mention usage or an error. No I/O: the proxy feeds them, the usage module c
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
+import re
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.rule import MICRODOLLARS_PER_USD, is_free_model
 from gateway.usage import Charge
 
 BIGINT_MAX = 2**63 - 1
+# Below this many USD a float cost converts exactly without Decimal (see usd_to_microdollars).
+_FAST_USD_LIMIT = 1_000_000.0
+_NEAR_HALF = 1e-4
 METERED_PATHS = frozenset({"chat/completions", "completions"})
 # A usage line longer than this is not a usage line; stop buffering rather than grow.
 MAX_LINE_BYTES = 1 << 20
 _DATA_PREFIX = b"data:"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     """What the upstream said a request used; `cost_microdollars` is exact integer money."""
 
     model: str | None
@@ -36,6 +39,12 @@ class Usage:
 
 def usd_to_microdollars(cost: Any) -> int:
     """USD (a JSON number) as whole microdollars, rounded half up; junk counts as 0."""
+    if type(cost) is float and 0 < cost < _FAST_USD_LIMIT:
+        # The float's product is within 1e-5 of the exact decimal's (below the limit),
+        # so unless it lies that close to a half, rounding it gives the exact answer.
+        scaled = cost * MICRODOLLARS_PER_USD
+        if abs(scaled - math.floor(scaled) - 0.5) > _NEAR_HALF:
+            return math.floor(scaled + 0.5)
     try:
         value = Decimal(str(cost))
     except (InvalidOperation, ValueError):
@@ -89,10 +98,72 @@ class JsonUsageReader:
         """The response's usage, once the body is complete."""
         if self.overflowed or not self._chunks:
             return None
+        body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        usage = usage_at_the_end(body)
+        if usage is not None:
+            return usage
         try:
-            return usage_from_object(json.loads(b"".join(self._chunks)))
-        except ValueError:
+            return usage_from_object(json.loads(body))
+        except (ValueError, RecursionError):
             return None
+
+
+_DECODER = json.JSONDecoder()
+_COLON = re.compile(r"\s*:\s*")
+_USAGE_KEY = b'"usage"'
+_MODEL_KEY = b'"model"'
+
+
+def usage_at_the_end(body: bytes) -> Usage | None:
+    """The usage of a JSON response that ends with it, as OpenRouter's do; None when unsure.
+
+    Decoding a whole response to read its last member was the largest part of metering's
+    cost. A `"usage"` followed by a colon is a key (inside a string every quote is
+    escaped), and when its value is followed only by the closing brace, it is the
+    top-level object's last member. The top-level `"model"` is read the same way: the
+    only one in the body, with nothing but the object's own brace opened before it.
+    Anything else returns None, and the caller decodes the whole body.
+    """
+    at = body.rfind(_USAGE_KEY)
+    if at <= 0 or body[at - 1] == 0x5C:  # a backslash: the quote might be escaped
+        return None
+    try:
+        tail = body[at + len(_USAGE_KEY) :].decode()
+        colon = _COLON.match(tail)
+        if colon is None:
+            return None
+        usage, end = _DECODER.raw_decode(tail, colon.end())
+    except (ValueError, RecursionError):
+        return None
+    if tail[end:].strip() != "}" or not isinstance(usage, dict):
+        return None
+    model = _top_level_model(body, at)
+    if model is _UNSURE:
+        return None
+    return usage_from_object({"usage": usage, "model": model})
+
+
+_UNSURE = object()
+
+
+def _top_level_model(body: bytes, before: int) -> object:
+    """The top-level "model" string (or None when there is none), else _UNSURE."""
+    at = body.find(_MODEL_KEY, 0, before)
+    if at == -1:
+        return None if body.find(_MODEL_KEY) == -1 else _UNSURE
+    if body.find(_MODEL_KEY, at + 1) != -1 or body.count(b"{", 0, at) != 1 or b"[" in body[:at]:
+        return _UNSURE
+    if body[at - 1] == 0x5C:
+        return _UNSURE
+    try:
+        tail = body[at + len(_MODEL_KEY) : before].decode()
+        colon = _COLON.match(tail)
+        if colon is None:
+            return _UNSURE
+        model, _end = _DECODER.raw_decode(tail, colon.end())
+    except (ValueError, RecursionError):
+        return _UNSURE
+    return model if isinstance(model, str) else _UNSURE
 
 
 class SseUsageReader:

@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import aiohttp
@@ -26,6 +26,7 @@ from gateway.metering import (
     SseUsageReader,
     Usage,
     requested_model,
+    usage_at_the_end,
     usage_from_object,
     usd_to_microdollars,
 )
@@ -282,6 +283,83 @@ def test_usage_from_object_ignores_non_integer_tokens() -> None:
     assert usage == Usage("m", None, None, 1_000_000)
 
 
+def slow_usage(body: bytes) -> Usage | None:
+    """The reference: decode the whole body, then read its usage."""
+    try:
+        return usage_from_object(json.loads(body))
+    except ValueError:
+        return None
+
+
+USAGE = {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46, "cost": 0.00042}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # OpenRouter's order and spacing, and others.
+        {"id": "gen-1", "model": MODEL, "choices": [], "usage": USAGE},
+        {"model": MODEL, "usage": USAGE},
+        {"usage": USAGE},
+        {"id": "x", "usage": USAGE, "model": MODEL},  # usage not last: decoded whole
+        {"choices": [{"message": {"content": '"usage": {"cost": 9}}'}}], "usage": USAGE},
+        {"choices": [{"message": {"role": "model"}}], "model": MODEL, "usage": USAGE},
+        {"choices": [{"usage": {"cost": 9}}], "model": MODEL, "usage": USAGE},
+        {'x"usage': {"cost": 9}},
+        {"nested": {"usage": {"cost": 9}}},
+        {"nested": {"model": "other"}, "model": MODEL, "usage": USAGE},
+        {"model": 5, "usage": USAGE},
+        {"model": MODEL, "usage": None},
+        {"model": MODEL, "usage": [1]},
+    ],
+)
+@pytest.mark.parametrize("indent", [None, 2])
+def test_usage_read_from_the_end_agrees_with_decoding_the_whole(body: Any, indent: Any) -> None:
+    """Reading the trailing usage gives what decoding the whole body gives, or defers to it."""
+    raw = json.dumps(body, indent=indent).encode()
+    reader = JsonUsageReader()
+    reader.feed(raw)
+    assert reader.usage() == slow_usage(raw)
+    fast = usage_at_the_end(raw)
+    assert fast is None or fast == slow_usage(raw)
+
+
+def test_usage_read_from_the_end_of_openrouters_response(captured: Captured) -> None:
+    """The fake OpenRouter's JSON response is read from its end, without decoding it whole."""
+    assert usage_at_the_end(captured.chat_json) == EXPECTED
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(["usage", "model", "cost", "x", 'a"usage']), children)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, derandomize=True, database=None)
+@given(
+    st.dictionaries(st.sampled_from(["id", "model", "choices", "x", "usage"]), JSON_VALUES),
+    st.one_of(
+        st.none(), st.fixed_dictionaries({"cost": st.floats(0, 10), "prompt_tokens": st.integers()})
+    ),
+)
+def test_any_body_reads_the_same_usage_from_its_end(head: dict[str, Any], usage: Any) -> None:
+    """For any JSON object, the trailing-usage reader agrees with a full decode or defers."""
+    body = dict(head)
+    if usage is not None:
+        body.pop("usage", None)
+        body["usage"] = usage
+    raw = json.dumps(body).encode()
+    fast = usage_at_the_end(raw)
+    assert fast is None or fast == slow_usage(raw)
+    reader = JsonUsageReader()
+    reader.feed(raw)
+    assert reader.usage() == slow_usage(raw)
+
+
 # --- USD to microdollars ------------------------------------------------------------------
 
 
@@ -309,6 +387,22 @@ def test_usage_from_object_ignores_non_integer_tokens() -> None:
 def test_usd_to_microdollars_is_exact(cost: Any, microdollars: int) -> None:
     """USD becomes whole microdollars exactly, rounding half up (never banker's rounding)."""
     assert usd_to_microdollars(cost) == microdollars
+
+
+def exact_microdollars(cost: float) -> int:
+    """The reference: the float's shortest decimal form, times a million, rounded half up."""
+    return int((Decimal(repr(cost)) * 1_000_000).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+@settings(max_examples=2000, derandomize=True, database=None)
+@given(
+    st.floats(min_value=0, max_value=1e7, allow_nan=False)
+    | st.integers(0, 10**13).map(lambda n: n / 10**7)  # many exact halves of a microdollar
+    | st.integers(0, 10**9).map(lambda n: (n + 0.5) / 10**6)
+)
+def test_float_costs_convert_as_the_exact_decimal_does(cost: float) -> None:
+    """The float shortcut never differs from rounding the cost's exact decimal form."""
+    assert usd_to_microdollars(cost) == (exact_microdollars(cost) if cost > 0 else 0)
 
 
 @pytest.mark.parametrize(
