@@ -68,7 +68,7 @@ def create_app(config: Config) -> web.Application:
     )
     # Cleanup runs in reverse: charges are flushed before the pool closes.
     app.cleanup_ctx.extend(
-        [log_flusher, database_pool, upstream_session, usage_ledger, change_listener]
+        [flusher, database_pool, upstream_session, usage_ledger, change_listener]
     )
     setup_routes(app)
     # The billing side: each module registers its own routes and background tasks.
@@ -116,20 +116,25 @@ def build_cache(app: web.Application, config: Config) -> FactsCache:
     )
 
 
-async def log_flusher(_app: web.Application) -> AsyncIterator[None]:
-    """Flush buffered log lines a few times a second, and once more at the very end."""
+async def flusher(_app: web.Application) -> AsyncIterator[None]:
+    """A few times a second, and once more at the very end: write out buffered log lines
+    and count the requests answered since the last time in the metrics."""
+
+    def flush() -> None:
+        metrics.fold()
+        logs.flush()
 
     async def flush_forever() -> None:
         while True:
             await asyncio.sleep(logs.FLUSH_INTERVAL_SECONDS)
-            logs.flush()
+            flush()
 
-    task = asyncio.create_task(flush_forever(), name="log-flusher")
+    task = asyncio.create_task(flush_forever(), name="flusher")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    logs.flush()
+    flush()
 
 
 async def database_pool(app: web.Application) -> AsyncIterator[None]:

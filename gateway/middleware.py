@@ -80,8 +80,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         in_flight.discard(task)
         duration = time.perf_counter() - started
-        metrics.count_request(ctx.route, request.method, status)
-        metrics.REQUEST_DURATION.observe(duration)
+        metrics.request_answered(ctx.route, request.method, status, duration, ctx.ttfb_seconds)
         log_request(ctx, method=request.method, status=status, duration_seconds=duration)
 
 

@@ -126,7 +126,6 @@ async def send_upstream(
     upstream = await client.request(request.method, target, headers.items(), body)
     ctx.ttfb_seconds = time.perf_counter() - started
     ctx.upstream_status = upstream.status
-    metrics.UPSTREAM_TTFB.observe(ctx.ttfb_seconds)
     if upstream.status == 402:
         upstream.close()
         # Our OpenRouter account is out of credit: our problem, not the user's.
