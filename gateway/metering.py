@@ -19,8 +19,9 @@ from gateway.rule import MICRODOLLARS_PER_USD, is_free_model
 from gateway.usage import Charge
 
 BIGINT_MAX = 2**63 - 1
-# Below this many USD a float cost converts exactly without Decimal (see usd_to_microdollars).
-_FAST_USD_LIMIT = 1_000_000.0
+# Below this many USD (the most one request is charged) a float cost converts exactly
+# without Decimal, unless it lies within _NEAR_HALF of a half microdollar.
+_FAST_USD_LIMIT = 10_000.0
 _NEAR_HALF = 1e-4
 METERED_PATHS = frozenset({"chat/completions", "completions"})
 # A usage line longer than this is not a usage line; stop buffering rather than grow.
@@ -40,8 +41,9 @@ class Usage(NamedTuple):
 def usd_to_microdollars(cost: Any) -> int:
     """USD (a JSON number) as whole microdollars, rounded half up; junk counts as 0."""
     if type(cost) is float and 0 < cost < _FAST_USD_LIMIT:
-        # The float's product is within 1e-5 of the exact decimal's (below the limit),
-        # so unless it lies that close to a half, rounding it gives the exact answer.
+        # Below the limit the product is within 1e-5 of the exact decimal's (two float
+        # roundings of at most 2**-53 of 1e10 each), so unless it lies within _NEAR_HALF
+        # of a half, rounding it gives the exact decimal's answer.
         scaled = cost * MICRODOLLARS_PER_USD
         if abs(scaled - math.floor(scaled) - 0.5) > _NEAR_HALF:
             return math.floor(scaled + 0.5)
