@@ -12,6 +12,7 @@ import secrets
 import asyncpg
 
 from gateway.auth import hash_token
+from gateway.rule import MICRODOLLARS_PER_USD
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,7 +48,7 @@ async def create_key(
                 "INSERT INTO credit_transactions (organization_id, amount_microdollars,"
                 " description) VALUES ($1::uuid, $2, 'Granted by create-key')",
                 organization_id,
-                round(credits_usd * 1_000_000),
+                round(credits_usd * MICRODOLLARS_PER_USD),
             )
         token = "kilo_" + secrets.token_urlsafe(32)
         await conn.execute(

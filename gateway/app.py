@@ -37,10 +37,8 @@ from gateway.proxy import proxy_handler
 from gateway.queries import ApiKey
 from gateway.reports import usage_report_handler
 from gateway.rule import OrgFacts
-from gateway.upstream import UpstreamClient
+from gateway.upstream import CONNECT_TIMEOUT_SECONDS, UpstreamClient
 from gateway.usage import UsageLedger
-
-CONNECT_TIMEOUT_SECONDS = 10.0
 
 
 def create_app(config: Config) -> web.Application:

@@ -95,8 +95,14 @@ def upstream_target(base_path: str, tail: str, query_string: str) -> str:
     return f"{target}?{query_string}" if query_string else target
 
 
-def forward_headers(headers: CIMultiDictProxy[str], upstream_key: str) -> CIMultiDict[str]:
-    """The client's headers as the upstream should see them, with our key instead of theirs."""
+def forward_headers(
+    headers: CIMultiDictProxy[str], upstream_key: str, *, plain_body: bool = False
+) -> CIMultiDict[str]:
+    """The client's headers as the upstream should see them, with our key instead of theirs.
+
+    `plain_body` drops Accept-Encoding, so that the response comes back uncompressed
+    (what the gateway meters must be readable; reads keep their compression).
+    """
     named_in_connection = _named_in_connection(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
@@ -105,6 +111,7 @@ def forward_headers(headers: CIMultiDictProxy[str], upstream_key: str) -> CIMult
             lowered in _NOT_FORWARDED
             or lowered in named_in_connection
             or lowered.startswith("x-kilocode-")
+            or (plain_body and lowered == "accept-encoding")
         ):
             continue
         out.add(name, value)

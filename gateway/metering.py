@@ -64,8 +64,13 @@ def usage_from_object(obj: Any, model: str | None = None) -> Usage | None:
     usage = obj.get("usage")
     if not isinstance(usage, dict):
         return None
+    reported_model = obj.get("model")
+    return _usage(usage, reported_model if isinstance(reported_model, str) else model)
+
+
+def _usage(usage: dict[str, Any], model: str | None) -> Usage:
     return Usage(
-        model=obj.get("model") if isinstance(obj.get("model"), str) else model,
+        model=model,
         prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
         completion_tokens=_int_or_none(usage.get("completion_tokens")),
         cost_microdollars=usd_to_microdollars(usage.get("cost", 0)),
@@ -114,6 +119,7 @@ _DECODER = json.JSONDecoder()
 _COLON = re.compile(r"\s*:\s*")
 _USAGE_KEY = b'"usage"'
 _MODEL_KEY = b'"model"'
+_BACKSLASH = 0x5C
 
 
 def usage_at_the_end(body: bytes) -> Usage | None:
@@ -127,22 +133,16 @@ def usage_at_the_end(body: bytes) -> Usage | None:
     Anything else returns None, and the caller decodes the whole body.
     """
     at = body.rfind(_USAGE_KEY)
-    if at <= 0 or body[at - 1] == 0x5C:  # a backslash: the quote might be escaped
+    found = _member_value(body, at, len(_USAGE_KEY), len(body))
+    if found is None:
         return None
-    try:
-        tail = body[at + len(_USAGE_KEY) :].decode()
-        colon = _COLON.match(tail)
-        if colon is None:
-            return None
-        usage, end = _DECODER.raw_decode(tail, colon.end())
-    except (ValueError, RecursionError):
-        return None
-    if tail[end:].strip() != "}" or not isinstance(usage, dict):
+    usage, rest = found
+    if rest.strip() != "}" or not isinstance(usage, dict):
         return None
     model = _top_level_model(body, at)
     if model is _UNSURE:
         return None
-    return usage_from_object({"usage": usage, "model": model})
+    return _usage(usage, model if isinstance(model, str) else None)
 
 
 _UNSURE = object()
@@ -155,17 +155,23 @@ def _top_level_model(body: bytes, before: int) -> object:
         return None if body.find(_MODEL_KEY) == -1 else _UNSURE
     if body.find(_MODEL_KEY, at + 1) != -1 or body.count(b"{", 0, at) != 1 or b"[" in body[:at]:
         return _UNSURE
-    if body[at - 1] == 0x5C:
-        return _UNSURE
+    found = _member_value(body, at, len(_MODEL_KEY), before)
+    return found[0] if found is not None and isinstance(found[0], str) else _UNSURE
+
+
+def _member_value(body: bytes, at: int, key_length: int, end: int) -> tuple[Any, str] | None:
+    """The JSON value of the key at `at` and the text after it up to `end`, or None."""
+    if at <= 0 or body[at - 1] == _BACKSLASH:  # the key's quote might be escaped
+        return None
     try:
-        tail = body[at + len(_MODEL_KEY) : before].decode()
+        tail = body[at + key_length : end].decode()
         colon = _COLON.match(tail)
         if colon is None:
-            return _UNSURE
-        model, _end = _DECODER.raw_decode(tail, colon.end())
+            return None
+        value, value_end = _DECODER.raw_decode(tail, colon.end())
     except (ValueError, RecursionError):
-        return _UNSURE
-    return model if isinstance(model, str) else _UNSURE
+        return None
+    return value, tail[value_end:]
 
 
 class SseUsageReader:

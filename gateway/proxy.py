@@ -118,10 +118,9 @@ async def send_upstream(
     """Forward the request; return once the upstream's headers arrive (502/504 otherwise)."""
     client = request.app[UPSTREAM]
     target = upstream_target(client.base_path, tail, request.rel_url.raw_query_string)
-    headers = forward_headers(request.headers, config.openrouter_api_key)
-    if request.method not in READ_METHODS:
-        # Plain bytes back for what the gateway meters; reads keep their compression.
-        headers.popall("Accept-Encoding", None)
+    headers = forward_headers(
+        request.headers, config.openrouter_api_key, plain_body=request.method not in READ_METHODS
+    )
     started = time.perf_counter()
     upstream = await client.request(request.method, target, headers.items(), body)
     ctx.ttfb_seconds = time.perf_counter() - started

@@ -34,6 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.errors import UpstreamTimeout, UpstreamUnreachable
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+CONNECT_TIMEOUT_SECONDS = 10.0
 # A head longer than this is not one OpenRouter sends.
 MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_SIZE_LINE = 4096
@@ -139,24 +140,14 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reusable = False
         self.idle_since = 0.0
-        # Per request:
         self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._is_head_request = False
-        self._buffer = b""
-        self.received_any = False
-        self._framing = "head"  # head, length, chunked, close, done
-        self._remaining = 0  # bytes left: of a Content-Length body or of a chunk
-        self._chunk_state = "size"  # size, data, data_end, trailers
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self._queued = 0
+        self._body_waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._last_data = 0.0
-        self._body_waiter: asyncio.Future[None] | None = None
-        self._error: Exception | None = None
-        self.body_done = False
-        self._keep_alive = True
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self._reset(head_request=False)
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -206,18 +197,10 @@ class _Connection(asyncio.Protocol):
     ) -> asyncio.Future[UpstreamResponse]:
         """Write the request; the future resolves with the response's head."""
         assert self.transport is not None
+        head = self._request_head(method, target, headers, body)
         self.reusable = False
-        self._reset(method)
+        self._reset(head_request=method == "HEAD")
         waiter = self._head_waiter = self._loop.create_future()
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {self._client.origin.host_header}\r\n"]
-        for name, value in headers:
-            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-                raise ValueError("header name or value with a line break")
-            lines.append(f"{name}: {value}\r\n")
-        if body or method not in IDEMPOTENT_METHODS:
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("utf-8", "surrogateescape")
         if len(body) < 65536:
             self.transport.write(head + body)
         else:
@@ -227,16 +210,31 @@ class _Connection(asyncio.Protocol):
         )
         return waiter
 
-    def _reset(self, method: str) -> None:
-        self._is_head_request = method == "HEAD"
+    def _request_head(
+        self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
+    ) -> bytes:
+        """The request line and headers; ValueError for a header that would split them."""
+        lines = [f"{method} {target} HTTP/1.1\r\nHost: {self._client.origin.host_header}\r\n"]
+        for name, value in headers:
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise ValueError("header name or value with a line break")
+            lines.append(f"{name}: {value}\r\n")
+        if body or method not in IDEMPOTENT_METHODS:
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
+    def _reset(self, *, head_request: bool) -> None:
+        """Parsing state for the next response."""
+        self._is_head_request = head_request
         self._buffer = b""
         self.received_any = False
-        self._framing = "head"
-        self._chunk_state = "size"
-        self._remaining = 0
+        self._framing: str = "head"  # head, length, chunked, close, done
+        self._chunk_state = "size"  # size, data, data_end, trailers
+        self._remaining = 0  # bytes left: of a Content-Length body or of a chunk
         self.chunks.clear()
         self._queued = 0
-        self._error = None
+        self._error: Exception | None = None
         self.body_done = False
         self._keep_alive = True
 

@@ -325,6 +325,13 @@ class TestForwardHeaders:
         out = forward_headers(headers((name, value)), UPSTREAM_KEY)
         assert out.getall(name) == [value]
 
+    def test_plain_body_drops_only_accept_encoding(self):
+        """For metered requests the upstream is not offered compression; the rest stays."""
+        client = headers(("accept-encoding", "gzip, br"), ("Accept", "*/*"))
+        out = forward_headers(client, UPSTREAM_KEY, plain_body=True)
+        assert "Accept-Encoding" not in out
+        assert out["Accept"] == "*/*"
+
     @pytest.mark.parametrize(
         "client_auth",
         [
