@@ -22,14 +22,11 @@ import asyncio
 import contextlib
 import json
 import os
-import pwd
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,20 +36,15 @@ import aiohttp
 import asyncpg
 
 from bench.database import seed
+from bench.postgres import HOST, PostgresCluster
 from bench.procs import free_port, ready_or_stop, rss_bytes, spawn, stop_leftovers
 from gateway.config import load_defaults
 from gateway.migrations import migrate
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # pgserver warns when XDG_RUNTIME_DIR is unset
-    from pgserver._commands import POSTGRES_BIN_PATH
-
-HOST: Final = "127.0.0.1"
 MODEL: Final = "openai/gpt-4o-mini"
 UPSTREAM_KEY: Final = "sk-or-v1-soak-upstream-key-not-a-secret"
 PROJECT_ROOT: Final = Path(__file__).resolve().parent.parent
 RESULTS_DIR: Final = PROJECT_ROOT / "bench" / "results"
-PG_SYSTEM_USER: Final = "pgserver"
 COST_USD: Final = 0.00042
 COST_MICRODOLLARS: Final = round(COST_USD * 1_000_000)
 STREAM_CHUNKS: Final = 5
@@ -68,77 +60,10 @@ FLUSH_WAIT_SECONDS: Final = 60.0
 # --- PostgreSQL of our own -------------------------------------------------------------------
 
 
-def _pg_user() -> str | None:
-    """`pgserver` when we are root (PostgreSQL refuses root), else ourselves."""
-    if os.geteuid() != 0:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from pgserver.utils import (
-            ensure_folder_permissions,
-            ensure_prefix_permissions,
-            ensure_user_exists,
-        )
-    ensure_user_exists(PG_SYSTEM_USER)
-    ensure_prefix_permissions(POSTGRES_BIN_PATH)
-    ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
-    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
-    return PG_SYSTEM_USER
+class Postgres(PostgresCluster):
+    """The soak's server: the defaults (fsync on), in a directory named for the soak."""
 
-
-class Postgres:
-    """initdb / start / crash / stop of a cluster on 127.0.0.1:port in a temp dir."""
-
-    def __init__(self) -> None:
-        self.user = _pg_user()
-        self.base_dir = Path(tempfile.mkdtemp(prefix="gw-soak-pg-"))
-        if self.user is not None:
-            entry = pwd.getpwnam(self.user)
-            os.chown(self.base_dir, entry.pw_uid, entry.pw_gid)
-        self.data_dir = self.base_dir / "data"
-        self.log_path = self.base_dir / "postgres.log"
-        self.port = free_port()
-        self._run("initdb", "-D", str(self.data_dir), "--auth=trust", "-U", "postgres")
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@{HOST}:{self.port}/{database}"
-
-    def _run(self, program: str, *args: str) -> None:
-        done = subprocess.run(
-            [str(POSTGRES_BIN_PATH / program), *args],
-            cwd=self.base_dir,
-            user=self.user,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"{program} failed ({done.returncode}): {done.stdout!r} {done.stderr!r}"
-            )
-
-    def start(self) -> None:
-        options = f"-h {HOST} -p {self.port} -k {self.base_dir} -c max_connections=200"
-        self._run(
-            "pg_ctl",
-            "-D",
-            str(self.data_dir),
-            "-w",
-            "-o",
-            options,
-            "-l",
-            str(self.log_path),
-            "start",
-        )
-
-    def stop(self, mode: str) -> None:
-        self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-m", mode, "stop")
-
-    def destroy(self) -> None:
-        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-            self.stop("immediate")
-        shutil.rmtree(self.base_dir, ignore_errors=True)
+    TEMP_PREFIX = "gw-soak-pg-"
 
 
 # --- The load --------------------------------------------------------------------------------
@@ -260,10 +185,10 @@ async def run_load(load: Load, timeline: Timeline, t0: float) -> None:
 async def restart_postgres(pg: Postgres, at: float, timeline: Timeline, t0: float) -> None:
     await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
     timeline.crash_at = time.monotonic() - t0
-    await asyncio.to_thread(pg.stop, "immediate")
+    await pg.crash()
     timeline.down_at = time.monotonic() - t0
     await asyncio.sleep(PG_DOWN_SECONDS)
-    await asyncio.to_thread(pg.start)
+    await pg.start()
     timeline.up_at = time.monotonic() - t0
 
 
@@ -574,9 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.started_at = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     tmp = Path(tempfile.mkdtemp(prefix="gw-soak-"))
-    pg = Postgres()
+    pg = Postgres.create()
     try:
-        pg.start()
+        pg.start_blocking()
 
         async def prepare() -> None:
             conn = await asyncpg.connect(pg.url())

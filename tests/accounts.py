@@ -12,7 +12,6 @@ import dataclasses
 import email
 import email.policy
 import json
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,6 +22,7 @@ import aiohttp
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from bench.procs import free_port
 from tests.conftest import RunningGateway
 
 APP_URL = "https://app.example.test"
@@ -30,14 +30,6 @@ DEADLINE_SECONDS = 5.0
 POLL_SECONDS = 0.02
 # Settings that make the background sender quick enough to wait for in a test.
 FAST_EMAIL = {"EMAIL_POLL_INTERVAL_SECONDS": "0.05"}
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on (right now)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 @dataclasses.dataclass(frozen=True)

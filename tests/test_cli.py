@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -15,6 +14,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from bench.procs import free_port
 from gateway.config import PROJECT_ROOT
 from gateway.migrations import applied_versions, discover
 
@@ -95,13 +95,6 @@ async def kill(process: asyncio.subprocess.Process) -> None:
 async def run(args: list[str], env: Mapping[str, str]) -> Finished:
     """Run `python -m gateway <args>` to completion."""
     return await finish(await start(args, env), COMMAND_TIMEOUT_SECONDS)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def versions(database_url: str) -> list[int]:
