@@ -81,10 +81,10 @@ async def organization_facts(cache: FactsCache, organization_id: str) -> OrgFact
     """The organization's facts, from the cache or the database (counted either way)."""
     facts = cache.facts.cached(organization_id)
     if facts is MISSING:
-        metrics.CACHE_MISS.inc()
+        metrics.cache_miss()
         facts = await cache.facts.load(organization_id)
     else:
-        metrics.CACHE_HIT.inc()
+        metrics.cache_hit()
     if facts is None:
         raise Forbidden("You are not a member of this organization.", reason="not_a_member")
     return facts

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, NamedTuple
 
@@ -69,16 +70,17 @@ def usage_from_object(obj: Any, model: str | None = None) -> Usage | None:
 
 
 def _usage(usage: dict[str, Any], model: str | None) -> Usage:
+    # Positional: a NamedTuple built from keywords costs twice as much, once per request.
     return Usage(
-        model=model,
-        prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
-        completion_tokens=_int_or_none(usage.get("completion_tokens")),
-        cost_microdollars=usd_to_microdollars(usage.get("cost", 0)),
+        model,
+        _int_or_none(usage.get("prompt_tokens")),
+        _int_or_none(usage.get("completion_tokens")),
+        usd_to_microdollars(usage.get("cost", 0)),
     )
 
 
 def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if type(value) is int else None  # not a bool, not a float
 
 
 class JsonUsageReader:
@@ -115,29 +117,46 @@ class JsonUsageReader:
             return None
 
 
-_DECODER = json.JSONDecoder()
-_COLON = re.compile(r"\s*:\s*")
 _USAGE_KEY = b'"usage"'
 _MODEL_KEY = b'"model"'
+_WHITESPACE = b" \t\r\n"
+_CLOSE_BRACE = 0x7D
+# A key's colon and the start of its value: an object for usage, a string without
+# escapes for the model (one with escapes is left to the full decode).
+_USAGE_MEMBER = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
+_MODEL_MEMBER = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*)"')
 _BACKSLASH = 0x5C
+# The C scanner behind json.loads, called directly: the value at an index of a str and
+# where it ends (json.loads adds a wrapper, a type check and two whitespace matches).
+_SCAN_JSON_VALUE: Callable[[str, int], tuple[Any, int]]
+_SCAN_JSON_VALUE = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def usage_at_the_end(body: bytes) -> Usage | None:
     """The usage of a JSON response that ends with it, as OpenRouter's do; None when unsure.
 
     Decoding a whole response to read its last member was the largest part of metering's
-    cost. A `"usage"` followed by a colon is a key (inside a string every quote is
-    escaped), and when its value is followed only by the closing brace, it is the
-    top-level object's last member. The top-level `"model"` is read the same way: the
-    only one in the body, with nothing but the object's own brace opened before it.
+    cost. A `"usage"` whose quotes are not escaped is a key (inside a string every quote
+    is escaped). When the text from its value to the body's closing brace is one JSON
+    object and nothing else, that object is the value and it is the top-level object's
+    last member: anything after it (another member, the closing bracket of a nested
+    value) is left over. The top-level `"model"` is read the same way: the only one in
+    the body, with nothing but the object's own brace opened before it, a plain string.
     Anything else returns None, and the caller decodes the whole body.
     """
-    at = body.rfind(_USAGE_KEY)
-    found = _member_value(body, at, len(_USAGE_KEY), len(body))
-    if found is None:
+    closing = len(body.rstrip(_WHITESPACE)) - 1
+    if closing <= 0 or body[closing] != _CLOSE_BRACE:
         return None
-    usage, rest = found
-    if rest.strip() != "}" or not isinstance(usage, dict):
+    at = body.rfind(_USAGE_KEY, 0, closing)
+    member = _USAGE_MEMBER.match(body, at) if at > 0 and body[at - 1] != _BACKSLASH else None
+    if member is None:
+        return None
+    try:
+        text = body[member.end() : closing].decode()
+        usage, end = _SCAN_JSON_VALUE(text, 0)
+    except (ValueError, StopIteration, RecursionError):
+        return None
+    if end != len(text) and not text[end:].isspace():
         return None
     model = _top_level_model(body, at)
     if model is _UNSURE:
@@ -150,28 +169,24 @@ _UNSURE = object()
 
 def _top_level_model(body: bytes, before: int) -> object:
     """The top-level "model" string (or None when there is none), else _UNSURE."""
-    at = body.find(_MODEL_KEY, 0, before)
+    at = body.find(_MODEL_KEY)
     if at == -1:
-        return None if body.find(_MODEL_KEY) == -1 else _UNSURE
-    if body.find(_MODEL_KEY, at + 1) != -1 or body.count(b"{", 0, at) != 1 or b"[" in body[:at]:
+        return None
+    if (
+        at > before
+        or body[at - 1] == _BACKSLASH
+        or body.find(_MODEL_KEY, at + 1) != -1
+        or body.count(b"{", 0, at) != 1
+        or body.find(b"[", 0, at) != -1
+    ):
         return _UNSURE
-    found = _member_value(body, at, len(_MODEL_KEY), before)
-    return found[0] if found is not None and isinstance(found[0], str) else _UNSURE
-
-
-def _member_value(body: bytes, at: int, key_length: int, end: int) -> tuple[Any, str] | None:
-    """The JSON value of the key at `at` and the text after it up to `end`, or None."""
-    if at <= 0 or body[at - 1] == _BACKSLASH:  # the key's quote might be escaped
-        return None
+    member = _MODEL_MEMBER.match(body, at)
+    if member is None:
+        return _UNSURE
     try:
-        tail = body[at + key_length : end].decode()
-        colon = _COLON.match(tail)
-        if colon is None:
-            return None
-        value, value_end = _DECODER.raw_decode(tail, colon.end())
-    except (ValueError, RecursionError):
-        return None
-    return value, tail[value_end:]
+        return member.group(1).decode()
+    except UnicodeDecodeError:
+        return _UNSURE
 
 
 class SseUsageReader:

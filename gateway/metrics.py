@@ -7,6 +7,8 @@ keys, organization ids or raw paths.
 from __future__ import annotations
 
 import os
+import weakref
+from collections.abc import Sized
 
 from aiohttp import web
 from prometheus_client import (
@@ -93,6 +95,43 @@ _answered: list[tuple[str, str, int, float, float | None]] = []
 FOLD_AT = 10_000
 
 
+class _Tally:
+    """Per-request counts kept as plain integers and put into the metrics at each fold.
+
+    prometheus_client takes a lock for every increment; a handful per request cost
+    several microseconds on the proxy path.
+    """
+
+    open_streams = 0
+    cache_hits = 0
+    cache_misses = 0
+
+
+# Queues of charges not yet written (the usage ledgers): the pending gauge is their length.
+_pending_queues: weakref.WeakSet[Sized] = weakref.WeakSet()
+
+
+def stream_opened() -> None:
+    _Tally.open_streams += 1
+
+
+def stream_closed() -> None:
+    _Tally.open_streams -= 1
+
+
+def cache_hit() -> None:
+    _Tally.cache_hits += 1
+
+
+def cache_miss() -> None:
+    _Tally.cache_misses += 1
+
+
+def follow_pending(queue: Sized) -> None:
+    """Report `len(queue)` as part of gateway_usage_pending (for as long as it lives)."""
+    _pending_queues.add(queue)
+
+
 def request_answered(
     route: str, method: str, status: int, duration_seconds: float, ttfb_seconds: float | None
 ) -> None:
@@ -103,7 +142,7 @@ def request_answered(
 
 
 def fold() -> None:
-    """Count the requests answered since the last fold."""
+    """Put what was tallied since the last fold into the metrics."""
     batch = _answered.copy()
     _answered.clear()
     children = _request_children
@@ -116,6 +155,14 @@ def fold() -> None:
         REQUEST_DURATION.observe(duration)
         if ttfb is not None:
             UPSTREAM_TTFB.observe(ttfb)
+    hits, misses = _Tally.cache_hits, _Tally.cache_misses
+    _Tally.cache_hits = _Tally.cache_misses = 0
+    if hits:
+        CACHE_HIT.inc(hits)
+    if misses:
+        CACHE_MISS.inc(misses)
+    ACTIVE_STREAMS.set(_Tally.open_streams)
+    USAGE_PENDING.set(sum(len(queue) for queue in list(_pending_queues)))
 
 
 def exposition_registry() -> CollectorRegistry:

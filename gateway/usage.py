@@ -78,20 +78,29 @@ class Charge(NamedTuple):
         cancelled: bool,
     ) -> Charge:
         """A charge whose every field fits its column, whatever the upstream reported."""
-        if cost_microdollars > MAX_COST_MICRODOLLARS:
-            log.warning("usage_cost_capped", request_id=request_id, reported=cost_microdollars)
+        if not 0 <= cost_microdollars <= MAX_COST_MICRODOLLARS:
+            if cost_microdollars > MAX_COST_MICRODOLLARS:
+                log.warning("usage_cost_capped", request_id=request_id, reported=cost_microdollars)
+            cost_microdollars = min(max(cost_microdollars, 0), MAX_COST_MICRODOLLARS)
         if model is not None and (len(model) > MAX_MODEL_LENGTH or "\x00" in model):
             model = model.replace("\x00", "")[:MAX_MODEL_LENGTH]
+        if prompt_tokens is not None and not 0 <= prompt_tokens <= INT4_MAX:
+            prompt_tokens = _clamp_tokens(prompt_tokens)
+        if completion_tokens is not None and not 0 <= completion_tokens <= INT4_MAX:
+            completion_tokens = _clamp_tokens(completion_tokens)
+        if not 0 <= status <= 999:
+            status = min(max(status, 0), 999)
+        # Positional: this runs once per metered request.
         return cls(
             request_id,
             organization_id,
             user_id,
             model,
-            _clamp_tokens(prompt_tokens),
-            _clamp_tokens(completion_tokens),
-            min(max(cost_microdollars, 0), MAX_COST_MICRODOLLARS),
+            prompt_tokens,
+            completion_tokens,
+            cost_microdollars,
             streamed,
-            min(max(status, 0), 999),
+            status,
             cancelled,
         )
 
@@ -104,8 +113,8 @@ class Charge(NamedTuple):
         return cls(**record)
 
 
-def _clamp_tokens(count: int | None) -> int | None:
-    return None if count is None else min(max(count, 0), INT4_MAX)
+def _clamp_tokens(count: int) -> int:
+    return min(max(count, 0), INT4_MAX)
 
 
 def read_spool(path: Path) -> list[Charge]:
@@ -194,12 +203,13 @@ class UsageLedger:
         self._on_charged = on_charged
         self._wake = asyncio.Event()
         self.spool = Spool(spool_dir)
+        metrics.follow_pending(self)
 
     def record(self, charge: Charge) -> None:
         """Queue a charge; never blocks and never fails the request."""
         self._pending.append(charge)
-        self._unwritten_by_org[charge.organization_id] += charge.cost_microdollars
-        metrics.USAGE_PENDING.inc()
+        if charge.cost_microdollars:
+            self._unwritten_by_org[charge.organization_id] += charge.cost_microdollars
         if len(self._pending) >= self._batch_size:
             self._wake.set()
         if len(self._pending) > self._max_pending:
@@ -219,6 +229,8 @@ class UsageLedger:
     def _written(self, charges: Iterable[Charge]) -> None:
         """The charges are in the database: they no longer lower the cached balance."""
         for charge in charges:
+            if not charge.cost_microdollars:
+                continue  # never counted
             left = self._unwritten_by_org[charge.organization_id] - charge.cost_microdollars
             if left:
                 self._unwritten_by_org[charge.organization_id] = left
@@ -232,7 +244,6 @@ class UsageLedger:
     def _to_spool(self, charges: list[Charge]) -> None:
         self.spool.append(c.record() for c in charges)
         self._spooled_by_us.update((c.request_id, c) for c in charges)
-        metrics.USAGE_PENDING.dec(len(charges))
         log.warning("usage_spooled", charges=len(charges), path=str(self.spool.path))
 
     async def flush_once(self, pool: asyncpg.Pool) -> int:
@@ -252,7 +263,6 @@ class UsageLedger:
             raise
         self._written(batch)
         metrics.USAGE_FLUSH_SECONDS.observe(time.perf_counter() - started)
-        metrics.USAGE_PENDING.dec(len(batch))
         if inserted != len(batch):
             log.info("usage_duplicates_skipped", duplicates=len(batch) - inserted)
         return len(batch)
@@ -325,7 +335,6 @@ class UsageLedger:
             except BaseException:
                 self._pending.appendleft(charge)
                 raise
-            metrics.USAGE_PENDING.dec()
 
     async def close(self, pool: asyncpg.Pool, timeout_seconds: float) -> None:
         """Write everything pending; what cannot be written in time goes to the spool."""

@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
+from gateway import metrics
 from gateway.usage import Charge, UsageLedger, read_spool, write_batch
 from tests.factories import Seed
 
@@ -109,6 +110,7 @@ async def eventually(
 
 
 def pending_gauge() -> float:
+    metrics.fold()  # as /metrics does before every scrape
     value = REGISTRY.get_sample_value("gateway_usage_pending")
     assert value is not None
     return value
