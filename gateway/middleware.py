@@ -90,27 +90,39 @@ async def _handle(
     try:
         response = await handler(request)
     except GatewayError as exc:
-        response = error_response(exc, ctx)
+        response = error_response(refusal(exc, ctx))
     except web.HTTPException as exc:
-        response = error_response(_from_aiohttp(exc), ctx)
+        response = error_response(refusal(_from_aiohttp(exc), ctx))
     except RequestPayloadError:
         # The body could not be read (bad Content-Encoding, broken chunking): client error.
         response = error_response(
-            BadRequest("The request body could not be read.", reason="malformed_request"), ctx
+            refusal(
+                BadRequest("The request body could not be read.", reason="malformed_request"), ctx
+            )
         )
         # The rest of the body cannot be read either: do not keep the connection.
         response.force_close()
     except Exception:
-        log.exception("unhandled_error", request_id=ctx.request_id, route=ctx.route)
-        response = error_response(InternalError("The gateway failed; this is our fault."), ctx)
+        response = error_response(unexpected_error(ctx))
     if not response.prepared:
         response.headers[REQUEST_ID_HEADER] = ctx.request_id
     return response
 
 
-def error_response(exc: GatewayError, ctx: RequestContext) -> web.Response:
-    """The JSON envelope for `exc`, with its headers; notes the reason for the log line."""
+def refusal(exc: GatewayError, ctx: RequestContext) -> GatewayError:
+    """`exc`, its reason noted for the request's log line."""
     ctx.reason = ctx.reason or exc.reason
+    return exc
+
+
+def unexpected_error(ctx: RequestContext) -> GatewayError:
+    """A bug: logged with its traceback, answered by a 500 that says nothing of it."""
+    log.exception("unhandled_error", request_id=ctx.request_id, route=ctx.route)
+    return InternalError("The gateway failed; this is our fault.")
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    """The JSON envelope for `exc`, with its headers."""
     return web.Response(
         status=exc.status, body=exc.body(), content_type="application/json", headers=exc.headers
     )

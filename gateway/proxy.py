@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import metrics
 from gateway.admission import READ_METHODS, admit
 from gateway.appkeys import CACHE, CONFIG, CONTEXT, LEDGER, UPSTREAM
 from gateway.auth import Caller, authenticate
-from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, NotFound, UpstreamPaymentRequired
 from gateway.forwarding import (
@@ -42,11 +45,60 @@ _SSE_ERROR_EVENT = (
 )
 
 
+class Sink(Protocol):
+    """Where a relayed response goes: aiohttp's response, or the proxy route's own server."""
+
+    async def start(
+        self, status: int, reason: str, headers: CIMultiDict[str], content_length: int | None
+    ) -> None:
+        """Send the status line and headers (they may wait for the first body bytes)."""
+
+    async def write(self, data: bytes) -> None:
+        """Send body bytes (raises ConnectionError once the client is gone)."""
+
+    async def end(self) -> None:
+        """The body is complete."""
+
+    def abort(self) -> None:
+        """Cut the connection: the response cannot end cleanly."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProxyRequest:
+    """What the proxy needs of a request, whichever server read it."""
+
+    method: str
+    raw_path: str
+    query_string: str
+    headers: CIMultiDictProxy[str]
+    read_body: Callable[[], Awaitable[bytes]]
+
+
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    """aiohttp's entry to the proxy route (connections the route's own server handed over)."""
+    sink = _AiohttpSink(request)
+    await proxy(
+        request.app,
+        request[CONTEXT],
+        ProxyRequest(
+            request.method,
+            request.rel_url.raw_path,
+            request.rel_url.raw_query_string,
+            request.headers,
+            request.read,
+        ),
+        sink,
+    )
+    assert sink.response is not None
+    return sink.response
+
+
+async def proxy(
+    app: web.Application, ctx: RequestContext, request: ProxyRequest, sink: Sink
+) -> None:
     """Authenticate, admit, forward, and relay the response as it arrives."""
-    app = request.app
-    config, ctx = app[CONFIG], request[CONTEXT]
-    tail = upstream_path(request.rel_url.raw_path)
+    config = app[CONFIG]
+    tail = upstream_path(request.raw_path)
     ctx.route = metric_route(tail)
     if not is_proxied(tail, config.proxy_allowed_paths):
         raise NotFound(
@@ -55,7 +107,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         )
     key = await authenticate(request.headers, app[CACHE])
     ctx.user_id = key.user_id
-    body = await request.read()
+    body = await request.read_body()
     meter = Meter(body) if request.method == "POST" and tail in METERED_PATHS else None
     admission = await admit(
         method=request.method,
@@ -68,18 +120,19 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         requested_model=meter.model if meter is not None else None,
     )
     if meter is None or admission.caller is None:
-        upstream = await send_upstream(request, config, ctx, tail, body)
-        return await relay(request, upstream, ctx, admission.would_block)
+        upstream = await send_upstream(app, request, ctx, tail, body)
+        await relay(sink, upstream, ctx, admission.would_block)
+        return
     charge = _Charger(app[LEDGER], ctx, admission.caller, meter)
     try:
-        upstream = await send_upstream(request, config, ctx, tail, body)
+        upstream = await send_upstream(app, request, ctx, tail, body)
     except GatewayError as exc:
         charge(exc.status, cancelled=False)
         raise
     except asyncio.CancelledError:
         charge(CLIENT_CLOSED_REQUEST, cancelled=True)
         raise
-    return await relay(request, upstream, ctx, admission.would_block, charge)
+    await relay(sink, upstream, ctx, admission.would_block, charge)
 
 
 class _Charger:
@@ -113,13 +166,15 @@ class _Charger:
 
 
 async def send_upstream(
-    request: web.Request, config: Config, ctx: RequestContext, tail: str, body: bytes
+    app: web.Application, request: ProxyRequest, ctx: RequestContext, tail: str, body: bytes
 ) -> UpstreamResponse:
     """Forward the request; return once the upstream's headers arrive (502/504 otherwise)."""
-    client = request.app[UPSTREAM]
-    target = upstream_target(client.base_path, tail, request.rel_url.raw_query_string)
+    client = app[UPSTREAM]
+    target = upstream_target(client.base_path, tail, request.query_string)
     headers = forward_headers(
-        request.headers, config.openrouter_api_key, plain_body=request.method not in READ_METHODS
+        request.headers,
+        app[CONFIG].openrouter_api_key,
+        plain_body=request.method not in READ_METHODS,
     )
     started = time.perf_counter()
     upstream = await client.request(request.method, target, headers.items(), body)
@@ -145,55 +200,74 @@ class _RelayedResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
+class _AiohttpSink:
+    """A relayed response through aiohttp's `StreamResponse`."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.response: _RelayedResponse | None = None
+
+    async def start(
+        self, status: int, reason: str, headers: CIMultiDict[str], content_length: int | None
+    ) -> None:
+        self.response = _RelayedResponse(status=status, reason=reason, headers=headers)
+        if content_length is not None:
+            self.response.content_length = content_length
+        await self.response.prepare(self._request)
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def end(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def abort(self) -> None:
+        if self._request.transport is not None:
+            self._request.transport.close()
+
+
 async def relay(
-    request: web.Request,
+    sink: Sink,
     upstream: UpstreamResponse,
     ctx: RequestContext,
     would_block: str | None,
     charge: _Charger | None = None,
-) -> web.StreamResponse:
+) -> None:
     """Stream the upstream response to the client chunk by chunk, as it arrives."""
-    response = _RelayedResponse(
-        status=upstream.status,
-        reason=upstream.reason,
-        headers=relay_headers(upstream.headers, ctx.request_id),
-    )
-    if upstream.content_length is not None:
-        # The bytes pass through unchanged, so the length holds, and the response
-        # needs no chunked framing.
-        response.content_length = upstream.content_length
+    headers = relay_headers(upstream.headers, ctx.request_id)
     if would_block is not None:
-        response.headers[WOULD_BLOCK_HEADER] = would_block
+        headers[WOULD_BLOCK_HEADER] = would_block
     meter = charge.meter if charge is not None else None
     if meter is not None:
         meter.start(upstream.content_type)
-    metrics.ACTIVE_STREAMS.inc()
+    metrics.stream_opened()
     client_gone = True  # until the response ends one of the known ways
     try:
-        await response.prepare(request)
+        # The bytes pass through unchanged, so the upstream's length holds, and the
+        # response needs no chunked framing.
+        await sink.start(upstream.status, upstream.reason, headers, upstream.content_length)
         chunk = upstream.buffered()
         if not chunk and not upstream.complete:
             # No body bytes yet: the headers go now, as the upstream sent them.
-            await response.write(b"")
+            await sink.write(b"")
             chunk = await upstream.read_chunk()
         while chunk:
-            await response.write(chunk)
+            await sink.write(chunk)
             if meter is not None:
                 meter.feed(chunk)
             chunk = await upstream.read_chunk()
         client_gone = False
-        await response.write_eof()
-        return response
+        await sink.end()
     except UpstreamBroke:
         client_gone = False
-        await _end_broken_stream(request, response, upstream)
-        return response
+        await _end_broken_stream(sink, upstream)
     except ConnectionError:
         # The client went away (before the headers or mid-body): nothing is left to send.
         ctx.client_gone = True
-        return response
     finally:
-        metrics.ACTIVE_STREAMS.dec()
+        metrics.stream_closed()
         if charge is not None:
             charge(upstream.status, cancelled=client_gone)
         if upstream.complete:
@@ -204,15 +278,12 @@ async def relay(
             upstream.close()
 
 
-async def _end_broken_stream(
-    request: web.Request, response: web.StreamResponse, upstream: UpstreamResponse
-) -> None:
+async def _end_broken_stream(sink: Sink, upstream: UpstreamResponse) -> None:
     """The upstream died mid-response: say so in the stream's own terms, then cut it.
 
     The client must never see a clean end (or a `data: [DONE]`) the upstream did not send.
     """
     if upstream.content_type == "text/event-stream":
         with contextlib.suppress(ConnectionError):
-            await response.write(_SSE_ERROR_EVENT)
-    if request.transport is not None:
-        request.transport.close()
+            await sink.write(_SSE_ERROR_EVENT)
+    sink.abort()

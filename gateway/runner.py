@@ -19,6 +19,7 @@ from aiohttp.web_request import BaseRequest
 
 from gateway.appkeys import CONFIG, IN_FLIGHT
 from gateway.errors import GatewayError
+from gateway.proxyserver import ProxyConnection
 
 log = structlog.get_logger("gateway.runner")
 
@@ -107,9 +108,28 @@ class _EnvelopeRequestHandler(RequestHandler):
         return response
 
 
-class _EnvelopeServer(web.Server):
-    def __call__(self) -> RequestHandler:
+class _GatewayServer(web.Server):
+    """aiohttp's server, whose connections start with the proxy route's own handler.
+
+    That handler (`proxyserver.py`) serves well-formed proxy requests itself and hands
+    every other connection to aiohttp's handler, which answers its own errors in the
+    envelope.
+    """
+
+    app: web.Application
+    header_timeout_seconds: float
+    native_connections: set[ProxyConnection]
+
+    def __call__(self) -> ProxyConnection:  # type: ignore[override]
+        return ProxyConnection(self)
+
+    def aiohttp_handler(self) -> RequestHandler:
         return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's)
+        for connection in list(self.native_connections):
+            connection.close()
+        await super().shutdown(timeout)
 
 
 class GatewayRunner(web.AppRunner):
@@ -118,8 +138,11 @@ class GatewayRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         # Same object, same state; only the connection handler it creates changes.
-        server.__class__ = _EnvelopeServer
-        server.header_timeout_seconds = self._app[CONFIG].header_timeout_seconds  # type: ignore[attr-defined]
+        server.__class__ = _GatewayServer
+        assert isinstance(server, _GatewayServer)
+        server.app = self._app
+        server.header_timeout_seconds = self._app[CONFIG].header_timeout_seconds
+        server.native_connections = set()
         return server
 
 
