@@ -50,7 +50,6 @@ ROUTE = PREFIX + "{path}"
 MAX_HEAD_BYTES = 8190
 # Pipelined bytes held while a request is served; past this, reading pauses.
 MAX_BUFFERED_BYTES = 256 * 1024
-KEEPALIVE_SECONDS = 75.0  # aiohttp's default, which the handed-over connections keep
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Headers whose handling stays aiohttp's: body framing and decoding, interim responses,
 # protocol switches.
@@ -200,6 +199,7 @@ class ProxyConnection(asyncio.Protocol):
         self._server = server
         self._app = server.app
         self._max_body_bytes = server.app[CONFIG].max_body_bytes
+        self._keepalive_seconds = server.keepalive_seconds
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
@@ -379,7 +379,7 @@ class ProxyConnection(asyncio.Protocol):
 
     def _arm_idle_timer(self) -> None:
         if self._idle_timer is None and not self._closed:
-            self._idle_timer = self._loop.call_later(KEEPALIVE_SECONDS, self.close)
+            self._idle_timer = self._loop.call_later(self._keepalive_seconds, self.close)
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
@@ -407,6 +407,10 @@ class ConnectionOwner(Protocol):
 
     app: web.Application
     native_connections: set[ProxyConnection]
+
+    @property
+    def keepalive_seconds(self) -> float:
+        """How long an idle keep-alive connection stays open."""
 
     def aiohttp_handler(self) -> RequestHandler:
         """A new aiohttp connection handler, to take a connection over."""

@@ -29,6 +29,9 @@ RUNNER_KWARGS: dict[str, Any] = {
     "handler_cancellation": True,
     # The middleware writes one structured line per request instead.
     "access_log": None,
+    # Idle keep-alive connections close after this long (aiohttp's default is an hour);
+    # the proxy route's own handler keeps the same time.
+    "keepalive_timeout": 75.0,
 }
 
 _REASONS = {400: "malformed_request", 413: "payload_too_large", 504: "timeout"}
@@ -119,6 +122,10 @@ class _GatewayServer(web.Server):
     app: web.Application
     header_timeout_seconds: float
     native_connections: set[ProxyConnection]
+
+    @property
+    def keepalive_seconds(self) -> float:
+        return float(self._kwargs.get("keepalive_timeout", RUNNER_KWARGS["keepalive_timeout"]))
 
     def __call__(self) -> ProxyConnection:  # type: ignore[override]
         return ProxyConnection(self)
