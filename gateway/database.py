@@ -59,6 +59,10 @@ def unavailable_as_gateway_error() -> Iterator[None]:
         raise DatabaseUnavailable(_UNREACHABLE, headers={"Retry-After": "5"}) from exc
 
 
+# How operators tell the gateway's pooled connections apart in pg_stat_activity.
+APPLICATION_NAME = "kilo-gateway"
+
+
 async def create_pool(
     dsn: str, *, min_size: int, max_size: int, query_timeout_seconds: float
 ) -> asyncpg.Pool:
@@ -70,9 +74,17 @@ async def create_pool(
         command_timeout=query_timeout_seconds,
         # A connection that cannot be had in this time is a database outage, not a queue.
         timeout=query_timeout_seconds,
+        reset=_nothing_to_reset,
+        server_settings={"application_name": APPLICATION_NAME},
     )
     assert pool is not None
     return pool
+
+
+async def _nothing_to_reset(_conn: asyncpg.Connection) -> None:
+    """Pooled connections never LISTEN, lock, SET or keep cursors, so asyncpg's reset query
+    (one more round trip on every release, cache misses included) would undo nothing.
+    asyncpg still rolls back a transaction left open before calling this."""
 
 
 @contextlib.asynccontextmanager

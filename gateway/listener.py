@@ -18,6 +18,8 @@ import structlog
 from gateway.database import UNAVAILABLE_ERRORS
 
 CHANNEL = "gateway_changes"
+# How operators (and tests) tell the LISTEN connection apart in pg_stat_activity.
+APPLICATION_NAME = "kilo-gateway-listener"
 log = structlog.get_logger("gateway.listener")
 
 
@@ -56,7 +58,9 @@ class ChangeListener:
             backoff = min(backoff * 2, self._max_backoff_seconds)
 
     async def _listen_until_lost(self) -> None:
-        conn = await asyncpg.connect(self._dsn, timeout=5)
+        conn = await asyncpg.connect(
+            self._dsn, timeout=5, server_settings={"application_name": APPLICATION_NAME}
+        )
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
         try:

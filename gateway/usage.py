@@ -169,14 +169,14 @@ def _lock_order(charge: Charge) -> tuple[str, str]:
 
 
 async def write_batch(conn: asyncpg.Connection, charges: list[Charge]) -> tuple[int, int]:
-    """Write a batch in one transaction; return (rows new to the ledger, microdollars charged).
+    """Write a batch atomically; return (rows new to the ledger, microdollars charged).
 
     Rows go in a fixed order (organization, then request) so that two processes writing
     overlapping batches take their locks in the same order instead of deadlocking.
     """
     ordered = sorted(charges, key=_lock_order)
-    async with conn.transaction():
-        row = await conn.fetchrow(_WRITE_BATCH_SQL, json.dumps(ordered))
+    # One statement is one transaction: no BEGIN and COMMIT round trips around it.
+    row = await conn.fetchrow(_WRITE_BATCH_SQL, json.dumps(ordered))
     assert row is not None
     return int(row["inserted"]), int(row["charged"])
 

@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import ORGANIZATION_HEADER, hash_token
+from gateway.listener import APPLICATION_NAME
 from tests.conftest import RunningGateway
 from tests.factories import Seed
 
@@ -35,10 +36,9 @@ EXPIRED = timedelta(days=40)
 
 # The gateway's LISTEN connection: it ran `LISTEN "gateway_changes"` and then only pings.
 # Pooled connections end every use with asyncpg's reset script, so they never match.
-LISTENER_PIDS_SQL = """
+LISTENER_PIDS_SQL = f"""
 SELECT pid FROM pg_stat_activity
-WHERE datname = current_database() AND pid <> pg_backend_pid()
-  AND (query = 'SELECT 1' OR query LIKE 'LISTEN %')
+WHERE datname = current_database() AND application_name = '{APPLICATION_NAME}'
 """
 FACTS_QUERIES_WAITING_SQL = """
 SELECT count(*) FROM pg_stat_activity
