@@ -74,7 +74,7 @@ class RequestHead:
     close: bool
 
 
-def parse_head(head: bytes, max_body_bytes: int) -> RequestHead | None:
+def parse_head(head: bytes | bytearray, max_body_bytes: int) -> RequestHead | None:
     """The request head (without its blank line) if it is one served here, else None."""
     if len(head) > MAX_HEAD_BYTES:
         return None
@@ -202,11 +202,13 @@ class ProxyConnection(asyncio.Protocol):
         self._keepalive_seconds = server.keepalive_seconds
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._buffer = b""
+        # Bytes read and not yet served; a bytearray only while a body arrives in pieces.
+        self._buffer: bytes | bytearray = b""
         self._head: RequestHead | None = None  # read, waiting for the rest of its body
         self._body_at = 0
         self._task: asyncio.Task[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None  # None while a request is read or served
         self._drain_waiter: asyncio.Future[None] | None = None
         self._writing_paused = False
         self._reading_paused = False
@@ -219,10 +221,15 @@ class ProxyConnection(asyncio.Protocol):
         tcp_keepalive(self._transport)  # type: ignore[arg-type]
         tcp_nodelay(self._transport, True)  # type: ignore[arg-type]
         self._server.native_connections.add(self)
-        self._arm_idle_timer()
+        self._became_idle()
 
     def data_received(self, data: bytes) -> None:
-        self._buffer = self._buffer + data if self._buffer else data
+        if not self._buffer:
+            self._buffer = data  # most requests arrive whole, in one read: no copy
+        else:
+            if isinstance(self._buffer, bytes):
+                self._buffer = bytearray(self._buffer)
+            self._buffer += data
         if self._task is None:
             self._next_request()
         elif len(self._buffer) > MAX_BUFFERED_BYTES and not self._reading_paused:
@@ -237,7 +244,7 @@ class ProxyConnection(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._closed = True
         self._server.native_connections.discard(self)
-        self._cancel_idle_timer()
+        self._stop_idle_timer()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(ConnectionResetError("the client went away"))
         if self._task is not None and not self._task.done():
@@ -271,7 +278,7 @@ class ProxyConnection(asyncio.Protocol):
 
     def _next_request(self) -> None:
         """Serve the next buffered request if it is whole, or hand the connection over."""
-        self._cancel_idle_timer()
+        self._idle_since = None
         if self._head is None:
             end = self._buffer.find(b"\r\n\r\n")
             if end == -1:
@@ -279,7 +286,7 @@ class ProxyConnection(asyncio.Protocol):
                     # Part of a head: aiohttp waits for the rest, under its header timeout.
                     self._hand_over()
                 else:
-                    self._arm_idle_timer()
+                    self._became_idle()
                 return
             self._head = parse_head(self._buffer[:end], self._max_body_bytes)
             if self._head is None:
@@ -288,9 +295,10 @@ class ProxyConnection(asyncio.Protocol):
             self._body_at = end + 4
         body_end = self._body_at + self._head.content_length
         if len(self._buffer) < body_end:
-            return  # the rest of the body is on its way
-        head, body = self._head, self._buffer[self._body_at : body_end]
-        self._buffer, self._head = self._buffer[body_end:], None
+            self._became_idle()  # the rest of the body is on its way, or the client stalls
+            return
+        head, body = self._head, bytes(self._buffer[self._body_at : body_end])
+        self._buffer, self._head = bytes(self._buffer[body_end:]), None
         self._task = self._loop.create_task(self._serve(head, body))
 
     def _hand_over(self) -> None:
@@ -298,7 +306,7 @@ class ProxyConnection(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         self._server.native_connections.discard(self)
-        self._cancel_idle_timer()
+        self._stop_idle_timer()
         handler = self._server.aiohttp_handler()
         transport.set_protocol(handler)
         handler.connection_made(transport)
@@ -308,7 +316,7 @@ class ProxyConnection(asyncio.Protocol):
         # until then nothing else may be read.
         if not self._reading_paused:
             transport.pause_reading()
-        self._loop.call_soon(_deliver, transport, handler, buffered)
+        self._loop.call_soon(_deliver, transport, handler, bytes(buffered))
 
     async def _serve(self, head: RequestHead, body: bytes) -> None:
         """Serve one request as the middleware and the route would, then the next one."""
@@ -377,11 +385,31 @@ class ProxyConnection(asyncio.Protocol):
 
     # --- timers ---------------------------------------------------------------------------
 
-    def _arm_idle_timer(self) -> None:
-        if self._idle_timer is None and not self._closed:
-            self._idle_timer = self._loop.call_later(self._keepalive_seconds, self.close)
+    def _became_idle(self) -> None:
+        """Close the connection if nothing arrives for the keep-alive time from now.
 
-    def _cancel_idle_timer(self) -> None:
+        One timer for the connection's life, moved on rather than re-armed per request.
+        """
+        self._idle_since = self._loop.time()
+        if self._idle_timer is None and not self._closed:
+            self._idle_timer = self._loop.call_at(
+                self._idle_since + self._keepalive_seconds, self._close_if_idle
+            )
+
+    def _close_if_idle(self) -> None:
+        self._idle_timer = None
+        if self._closed:
+            return
+        if self._idle_since is None:  # serving: look again a whole keep-alive time later
+            due = self._loop.time() + self._keepalive_seconds
+        else:
+            due = self._idle_since + self._keepalive_seconds
+            if self._loop.time() >= due:
+                self.close()
+                return
+        self._idle_timer = self._loop.call_at(due, self._close_if_idle)
+
+    def _stop_idle_timer(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None

@@ -11,14 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from bench.fake_upstream import RunningUpstream
+from gateway import config as gateway_config
+from gateway.app import create_app
 from gateway.proxyserver import MAX_HEAD_BYTES, parse_head
+from gateway.runner import runner_for
 from tests.conftest import RunningGateway
 from tests.factories import Seed
 
@@ -226,10 +232,11 @@ async def test_pipelined_requests_are_answered_in_order(
 async def test_a_body_that_arrives_in_pieces_is_forwarded_whole(
     conn: Conn, token: str, upstream: RunningUpstream
 ) -> None:
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]})
+    content = "".join(f"{i:07d}" for i in range(40_000))  # 280 kB, no two pieces alike
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": content}]})
     raw = request(token, body.encode())
-    for start in range(0, len(raw), 700):
-        await conn.send(raw[start : start + 700])
+    for start in range(0, len(raw), 7000):
+        await conn.send(raw[start : start + 7000])
     assert_completion(await read_response(conn.reader))
     assert upstream.recorder.last.body == body.encode()
 
@@ -293,3 +300,56 @@ async def test_a_stream_is_relayed_in_chunks_exactly_as_the_upstream_sent_it(
     assert events[0] == b": OPENROUTER PROCESSING"
     assert b"data: [DONE]" in events
     assert sum(e.startswith(b"data: {") for e in events) == upstream.settings.chunk_count + 2
+
+
+# --- Idle connections ----------------------------------------------------------------------
+
+KEEPALIVE_SECONDS = 0.5
+
+
+@pytest.fixture
+async def brief_gateway(
+    make_config: Callable[..., gateway_config.Config],
+) -> AsyncIterator[RunningGateway]:
+    """A gateway whose idle connections close after half a second."""
+    app = create_app(make_config())
+    runner = runner_for(app, shutdown_timeout=1.0, keepalive_timeout=KEEPALIVE_SECONDS)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    gateway = RunningGateway(app, runner, URL(f"http://127.0.0.1:{runner.addresses[0][1]}"))
+    yield gateway
+    await gateway.close()
+
+
+async def closed_by_the_gateway(reader: asyncio.StreamReader) -> float:
+    """Seconds until the gateway closes the connection (fails past the deadline)."""
+    started = time.monotonic()
+    async with asyncio.timeout(DEADLINE_SECONDS):
+        assert await reader.read() == b""
+    return time.monotonic() - started
+
+
+async def test_an_idle_keep_alive_connection_is_closed(
+    brief_gateway: RunningGateway, token: str
+) -> None:
+    reader, writer = await asyncio.open_connection(brief_gateway.url.host, brief_gateway.url.port)
+    conn = Conn(reader, writer)
+    for _ in range(2):  # kept open between requests...
+        await conn.send(request(token))
+        assert_completion(await read_response(reader))
+    waited = await closed_by_the_gateway(reader)  # ...and closed once idle
+    assert waited >= KEEPALIVE_SECONDS * 0.9
+    writer.close()
+
+
+async def test_a_body_that_stops_arriving_does_not_hold_the_connection(
+    brief_gateway: RunningGateway, token: str, upstream: RunningUpstream
+) -> None:
+    reader, writer = await asyncio.open_connection(brief_gateway.url.host, brief_gateway.url.port)
+    raw = request(token)
+    writer.write(raw[:-5])  # the head and all but five bytes of the body
+    await writer.drain()
+    await closed_by_the_gateway(reader)
+    assert upstream.recorder.received == 0
+    writer.close()
