@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from functools import partial
 
 from aiohttp import web
 
@@ -62,7 +63,7 @@ def create_app(config: Config) -> web.Application:
         batch_size=config.usage_batch_size,
         flush_interval_seconds=config.usage_flush_interval_seconds,
         max_pending=config.usage_max_pending,
-        on_charged=app[CACHE].revalidate_organizations,
+        on_charged=partial(revalidate_unless_notified, app[LISTENER], app[CACHE]),
     )
     # Cleanup runs in reverse: charges are flushed before the pool closes.
     app.cleanup_ctx.extend(
@@ -73,6 +74,16 @@ def create_app(config: Config) -> web.Application:
     for module in (organizations, invitations, billing, webhooks, mailer, reminders):
         module.setup(app)
     return app
+
+
+def revalidate_unless_notified(
+    listener: ChangeListener, cache: FactsCache, organization_ids: Iterable[str]
+) -> None:
+    """After a charge batch, read the organizations' balances again, unless the batch's
+    own NOTIFY will make the listener do it: two re-reads per batch held the event loop
+    twice as long, and every chunk of every stream relayed meanwhile waited."""
+    if not listener.connected.is_set():
+        cache.revalidate_organizations(organization_ids)
 
 
 def setup_routes(app: web.Application) -> None:
@@ -114,6 +125,10 @@ def build_cache(app: web.Application, config: Config) -> FactsCache:
     )
 
 
+# Requests folded into the metrics at a time: about a quarter of a millisecond.
+FOLD_SLICE = 128
+
+
 async def flusher(_app: web.Application) -> AsyncIterator[None]:
     """A few times a second, and once more at the very end: write out buffered log lines
     and count the requests answered since the last time in the metrics."""
@@ -122,10 +137,17 @@ async def flusher(_app: web.Application) -> AsyncIterator[None]:
         metrics.fold()
         logs.flush()
 
+    async def fold_in_slices() -> None:
+        more = True
+        while more:
+            more = metrics.fold(FOLD_SLICE)
+            await asyncio.sleep(0)  # the requests that arrived meanwhile go first
+
     async def flush_forever() -> None:
         while True:
             await asyncio.sleep(logs.FLUSH_INTERVAL_SECONDS)
-            flush()
+            await fold_in_slices()
+            logs.flush()
 
     task = asyncio.create_task(flush_forever(), name="flusher")
     yield

@@ -141,20 +141,34 @@ def request_answered(
         fold()
 
 
-def fold() -> None:
-    """Put what was tallied since the last fold into the metrics."""
-    batch = _answered.copy()
-    _answered.clear()
-    children = _request_children
+def fold(limit: int | None = None) -> bool:
+    """Put what was tallied into the metrics: all of it, or the oldest `limit` requests.
+
+    Returns True while requests remain. Folding takes about 2 us a request, so the
+    flusher folds in slices and lets requests in between: one fold of 0.2 s at 7,000
+    requests a second held the event loop for 2.4 ms, which every request arriving
+    meanwhile waited for.
+    """
+    if limit is None or limit >= len(_answered):
+        batch = _answered.copy()
+        _answered.clear()
+    else:
+        batch = _answered[:limit]
+        del _answered[:limit]
+    counts: dict[tuple[str, str, int], int] = {}
     for route, method, status, duration, ttfb in batch:
         key = (route, method, status)
-        child = children.get(key)
-        if child is None:
-            child = children[key] = REQUESTS.labels(route, method, str(status))
-        child.inc()
+        counts[key] = counts.get(key, 0) + 1
         REQUEST_DURATION.observe(duration)
         if ttfb is not None:
             UPSTREAM_TTFB.observe(ttfb)
+    children = _request_children
+    for key, count in counts.items():
+        child = children.get(key)
+        if child is None:
+            route, method, status = key
+            child = children[key] = REQUESTS.labels(route, method, str(status))
+        child.inc(count)
     hits, misses = _Tally.cache_hits, _Tally.cache_misses
     _Tally.cache_hits = _Tally.cache_misses = 0
     if hits:
@@ -163,6 +177,7 @@ def fold() -> None:
         CACHE_MISS.inc(misses)
     ACTIVE_STREAMS.set(_Tally.open_streams)
     USAGE_PENDING.set(sum(len(queue) for queue in list(_pending_queues)))
+    return bool(_answered)
 
 
 def exposition_registry() -> CollectorRegistry:

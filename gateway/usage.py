@@ -43,6 +43,8 @@ INT4_MAX = 2**31 - 1
 # charged at this ceiling (and logged) rather than overflowing the ledger.
 MAX_COST_MICRODOLLARS = 10_000 * MICRODOLLARS_PER_USD
 MAX_MODEL_LENGTH = 300
+# Charges encoded at a time before other work on the event loop may run.
+ENCODE_SLICE = 128
 # Errors worth retrying as they are: serialization failures and deadlocks.
 _RETRY_SQLSTATE_CLASS = "40"
 
@@ -175,10 +177,25 @@ async def write_batch(conn: asyncpg.Connection, charges: list[Charge]) -> tuple[
     overlapping batches take their locks in the same order instead of deadlocking.
     """
     ordered = sorted(charges, key=_lock_order)
+    payload = await _encode_in_slices(ordered)
     # One statement is one transaction: no BEGIN and COMMIT round trips around it.
-    row = await conn.fetchrow(_WRITE_BATCH_SQL, json.dumps(ordered))
+    row = await conn.fetchrow(_WRITE_BATCH_SQL, payload)
     assert row is not None
     return int(row["inserted"]), int(row["charged"])
+
+
+async def _encode_in_slices(rows: list[Charge]) -> str:
+    """The rows as one JSON array, encoded a slice at a time.
+
+    A batch of 500 encoded at once held the event loop for about half a millisecond, and
+    every request and stream chunk arriving meanwhile waited; between slices they go first.
+    """
+    parts = []
+    for start in range(0, len(rows), ENCODE_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        parts.append(json.dumps(rows[start : start + ENCODE_SLICE])[1:-1])
+    return f"[{','.join(parts)}]"
 
 
 class UsageLedger:

@@ -16,9 +16,11 @@ from datetime import timedelta
 from typing import Any
 
 import aiohttp
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import RunningUpstream
+from gateway import metrics
 from gateway.auth import hash_token
 from tests.conftest import UPSTREAM_TEST_KEY, RunningGateway
 from tests.factories import Seed
@@ -302,3 +304,21 @@ async def test_no_secrets_in_logs_or_responses(
         assert hash_token(secret) not in logged
     for _status, _request_id, raw in replies:
         assert UPSTREAM_TEST_KEY.encode() not in raw
+
+
+def test_requests_folded_in_slices_are_each_counted_once() -> None:
+    """The flusher folds a slice at a time; every request is counted, none twice."""
+    metrics.fold()  # whatever earlier tests left
+    labels = {"route": "/test/fold", "method": "POST", "status": "299"}
+    before = REGISTRY.get_sample_value("gateway_requests_total", labels) or 0.0
+    observed = REGISTRY.get_sample_value("gateway_request_duration_seconds_count") or 0.0
+    for _ in range(300):
+        metrics.request_answered("/test/fold", "POST", 299, 0.001, None)
+    slices = 1
+    while metrics.fold(128):
+        slices += 1
+    assert slices == 3  # 128 + 128 + 44
+    assert REGISTRY.get_sample_value("gateway_requests_total", labels) == before + 300
+    assert REGISTRY.get_sample_value("gateway_request_duration_seconds_count") == observed + 300
+    assert not metrics.fold(128)  # nothing left, nothing counted again
+    assert REGISTRY.get_sample_value("gateway_requests_total", labels) == before + 300

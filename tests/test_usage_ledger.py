@@ -21,7 +21,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway import metrics
-from gateway.usage import Charge, UsageLedger, read_spool, write_batch
+from gateway.usage import ENCODE_SLICE, Charge, UsageLedger, read_spool, write_batch
 from tests.factories import Seed
 
 COST = 420
@@ -184,6 +184,22 @@ async def test_batch_charges_each_organization_its_own_sum(
     async with pool.acquire() as conn:
         assert await write_batch(conn, batch) == (4, 123)
     assert (await credits_used(db, first), await credits_used(db, second)) == (103, 20)
+
+
+@pytest.mark.parametrize("size", [ENCODE_SLICE, ENCODE_SLICE + 1, 3 * ENCODE_SLICE - 1])
+async def test_a_batch_encoded_in_several_slices_is_written_whole(
+    pool: asyncpg.Pool, db: asyncpg.Connection, seed: Seed, size: int
+) -> None:
+    """A batch larger than one encoding slice: every row once, the exact sum, none lost
+    at a slice's edge."""
+    first, second = await seed.org(), await seed.org()
+    batch = [charge(first if i % 3 else second, i + 1) for i in range(size)]
+    async with pool.acquire() as conn:
+        assert await write_batch(conn, batch) == (size, sum(range(1, size + 1)))
+    assert await usage_rows(db, first) + await usage_rows(db, second) == size
+    in_first = sum(i + 1 for i in range(size) if i % 3)
+    assert await credits_used(db, first) == in_first
+    assert await credits_used(db, second) == sum(range(1, size + 1)) - in_first
 
 
 async def test_two_ledgers_with_different_charges_for_one_org_sum_exactly(
