@@ -26,7 +26,6 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Protocol
 
-import structlog
 from aiohttp import web
 from aiohttp.tcp_helpers import tcp_keepalive, tcp_nodelay
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -43,11 +42,11 @@ from gateway.proxy import ProxyRequest, proxy
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
 
-log = structlog.get_logger("gateway.proxyserver")
-
 ROUTE = PREFIX + "{path}"
 # A longer head goes to aiohttp, whose limits then apply (8190 bytes a line).
 MAX_HEAD_BYTES = 8190
+# More digits than any body the gateway accepts (and int() refuses past 4,300).
+MAX_LENGTH_DIGITS = 15
 # Pipelined bytes held while a request is served; past this, reading pauses.
 MAX_BUFFERED_BYTES = 256 * 1024
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -106,7 +105,7 @@ def parse_head(head: bytes | bytearray, max_body_bytes: int) -> RequestHead | No
         if lowered in _HAND_OVER_HEADERS:
             return None
         if lowered == "content-length":
-            if content_length is not None or not value.isdigit():
+            if content_length is not None or not value.isdigit() or len(value) > MAX_LENGTH_DIGITS:
                 return None
             content_length = int(value)
         elif lowered == "connection":

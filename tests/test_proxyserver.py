@@ -108,6 +108,8 @@ def test_connection_close_is_noticed(connection: str, close: bool) -> None:
         head(POST_LINE, "Content-Length: 0x2"),
         head(POST_LINE, "Content-Length: "),
         head(POST_LINE, f"Content-Length: {MAX_BODY + 1}"),  # aiohttp answers 413
+        head(POST_LINE, "Content-Length: " + "9" * 16),
+        head(POST_LINE, "Content-Length: " + "1" * 5000),  # more digits than int() reads
         head(POST_LINE, "X-A: b", " folded"),  # obs-fold
         head(POST_LINE, "X-A b"),  # no colon
         head(POST_LINE, "X-A : b"),  # space before the colon
