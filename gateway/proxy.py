@@ -5,6 +5,10 @@ through unchanged and as they arrive, except that the gateway swaps in its own u
 key and refuses blocked organizations with a 402 before any byte goes upstream.
 Completions are metered on the way back and charged once the response ends.
 Upstream client errors become ours here and nowhere else.
+
+Two servers read requests for this route: its own connection handler (`proxyserver.py`,
+plain requests) and aiohttp (`proxy_handler`, connections handed over). Both call
+`proxy()` with the request's parts and a `Sink` to write the response to.
 """
 
 from __future__ import annotations
