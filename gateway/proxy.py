@@ -254,6 +254,12 @@ async def relay(
         await sink.start(upstream.status, upstream.reason, headers, upstream.content_length)
         chunk = upstream.buffered()
         if not chunk and not upstream.complete:
+            # Body bytes that came right behind the head may not be read yet: one turn
+            # of the loop reads them, so that head and body leave in one write and the
+            # client wakes once, not twice.
+            await asyncio.sleep(0)
+            chunk = upstream.buffered()
+        if not chunk and not upstream.complete:
             # No body bytes yet: the headers go now, as the upstream sent them.
             await sink.write(b"")
             chunk = await upstream.read_chunk()
