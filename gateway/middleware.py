@@ -12,6 +12,7 @@ import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -60,28 +61,45 @@ def route_of(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+class RequestRecord:
+    """One request's bookkeeping, for the middleware and the proxy route's own handler:
+    its id and context, its place among the requests in flight (which a shutdown drains),
+    and its log line and metrics when it ends (499 when it was cancelled)."""
+
+    __slots__ = ("_in_flight", "_started", "_task", "ctx", "method", "status")
+
+    def __init__(self, in_flight: set[asyncio.Task[Any]], route: str, method: str) -> None:
+        self._started = time.perf_counter()
+        self._in_flight = in_flight
+        self._task: asyncio.Task[Any] | None = None
+        self.ctx = RequestContext(new_request_id(), route)
+        self.method = method
+        self.status = 500  # until the request says otherwise
+
+    def __enter__(self) -> RequestRecord:
+        self._task = asyncio.current_task()
+        if self._task is not None:
+            self._in_flight.add(self._task)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None and issubclass(kind, asyncio.CancelledError):
+            self.status = CLIENT_CLOSED_REQUEST
+        if self._task is not None:
+            self._in_flight.discard(self._task)
+        ctx, duration = self.ctx, time.perf_counter() - self._started
+        metrics.request_answered(ctx.route, self.method, self.status, duration, ctx.ttfb_seconds)
+        log_request(ctx, method=self.method, status=self.status, duration_seconds=duration)
+
+
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give the request an id and context; answer errors with the envelope; log and count."""
-    started = time.perf_counter()
-    ctx = RequestContext(new_request_id(), route_of(request))
-    request[CONTEXT] = ctx
-    in_flight = request.app[IN_FLIGHT]
-    task = asyncio.current_task()
-    in_flight.add(task)
-    status = 500
-    try:
-        response = await _handle(request, handler, ctx)
-        status = CLIENT_CLOSED_REQUEST if ctx.client_gone else response.status
+    with RequestRecord(request.app[IN_FLIGHT], route_of(request), request.method) as record:
+        request[CONTEXT] = record.ctx
+        response = await _handle(request, handler, record.ctx)
+        record.status = CLIENT_CLOSED_REQUEST if record.ctx.client_gone else response.status
         return response
-    except asyncio.CancelledError:
-        status = CLIENT_CLOSED_REQUEST
-        raise
-    finally:
-        in_flight.discard(task)
-        duration = time.perf_counter() - started
-        metrics.request_answered(ctx.route, request.method, status, duration, ctx.ttfb_seconds)
-        log_request(ctx, method=request.method, status=status, duration_seconds=duration)
 
 
 async def _handle(

@@ -30,13 +30,11 @@ from aiohttp import web
 from aiohttp.tcp_helpers import tcp_keepalive, tcp_nodelay
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import metrics
 from gateway.appkeys import CONFIG, IN_FLIGHT
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.forwarding import PREFIX, REQUEST_ID_HEADER
-from gateway.logs import log_request
-from gateway.middleware import CLIENT_CLOSED_REQUEST, new_request_id, refusal, unexpected_error
+from gateway.middleware import CLIENT_CLOSED_REQUEST, RequestRecord, refusal, unexpected_error
 from gateway.proxy import ProxyRequest, proxy
 
 if TYPE_CHECKING:
@@ -319,24 +317,11 @@ class ProxyConnection(asyncio.Protocol):
 
     async def _serve(self, head: RequestHead, body: bytes) -> None:
         """Serve one request as the middleware and the route would, then the next one."""
-        started = time.perf_counter()
-        ctx = RequestContext(new_request_id(), ROUTE)
-        in_flight = self._app[IN_FLIGHT]
-        task = asyncio.current_task()
-        assert task is not None
-        in_flight.add(task)
         sink = _ConnectionSink(self, head.close)
-        status = 500
         try:
-            status = await self._respond(head, body, ctx, sink)
-        except asyncio.CancelledError:
-            status = CLIENT_CLOSED_REQUEST
-            raise
+            with RequestRecord(self._app[IN_FLIGHT], ROUTE, head.method) as record:
+                record.status = await self._respond(head, body, record.ctx, sink)
         finally:
-            in_flight.discard(task)
-            duration = time.perf_counter() - started
-            metrics.request_answered(ctx.route, head.method, status, duration, ctx.ttfb_seconds)
-            log_request(ctx, method=head.method, status=status, duration_seconds=duration)
             self._task = None
         if head.close or not sink.ended or self._closed:
             self.close()
