@@ -36,6 +36,7 @@ from gateway.errors import GatewayError
 from gateway.forwarding import PREFIX, REQUEST_ID_HEADER
 from gateway.middleware import CLIENT_CLOSED_REQUEST, RequestRecord, refusal, unexpected_error
 from gateway.proxy import ProxyRequest, proxy
+from gateway.upstream import NO_BODY_STATUSES
 
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
@@ -56,7 +57,6 @@ _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PLAIN_PATH = re.compile(r"/api/openrouter/[A-Za-z0-9\-_~!$&'()*+,;=:@/.]*")
 _PLAIN_QUERY = re.compile(r"[!-\"$-~]*")  # visible ASCII but "#"
 _FIELD_VALUE = re.compile(r"[\t -~]*")  # no control characters, ASCII only
-_NO_BODY_STATUSES = frozenset({204, 304})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -158,7 +158,7 @@ class _ConnectionSink:
         self.status = status
         if "Date" not in headers:
             headers["Date"] = _http_date()
-        if status in _NO_BODY_STATUSES or status < 200:
+        if status in NO_BODY_STATUSES or status < 200:
             pass
         elif content_length is not None:
             headers["Content-Length"] = str(content_length)

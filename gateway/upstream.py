@@ -49,7 +49,8 @@ DNS_TTL_SECONDS = 300.0
 
 _UNREACHABLE = "The gateway could not reach OpenRouter; retry shortly."
 _NO_ANSWER = "OpenRouter did not answer in time; retry shortly."
-_NO_BODY_STATUSES = frozenset({204, 304})
+# Responses that never have a body, whatever their headers say (RFC 9112 §6.3).
+NO_BODY_STATUSES = frozenset({204, 304})
 
 
 class UpstreamBroke(Exception):
@@ -290,7 +291,7 @@ class _Connection(asyncio.Protocol):
         connection = ",".join(headers.getall("Connection", ())).lower()
         if "close" in connection:
             self._keep_alive = False
-        if self._is_head_request or status in _NO_BODY_STATUSES:
+        if self._is_head_request or status in NO_BODY_STATUSES:
             self._framing = "done"
             return None
         codings = ",".join(headers.getall("Transfer-Encoding", ())).lower()

@@ -129,6 +129,14 @@ def seed(db: asyncpg.Connection) -> Seed:
 
 
 @pytest.fixture
+async def token(seed: Seed) -> str:
+    """A token of the owner of a new, trialing organization."""
+    org_id = await seed.org()
+    _user_id, token = await seed.member_with_key(org_id)
+    return token
+
+
+@pytest.fixture
 async def upstream() -> AsyncIterator[RunningUpstream]:
     """The fake OpenRouter, on a real port."""
     running = await start_upstream()

@@ -21,7 +21,6 @@ import pytest
 from yarl import URL
 
 from bench.fake_upstream import DONE_FRAME, Recorder, RunningUpstream
-from tests.factories import Seed
 from tests.processes import (
     BrokenJsonUpstream,
     GatewayProcess,
@@ -68,14 +67,6 @@ async def start_gateway(
     yield start
     for process in started:
         await process.stop()
-
-
-@pytest.fixture
-async def token(seed: Seed) -> str:
-    """A token of the owner of a new, trialing organization."""
-    org_id = await seed.org()
-    _user_id, token = await seed.member_with_key(org_id)
-    return token
 
 
 def chat_request(url: URL, token: str, *, stream: bool) -> bytes:

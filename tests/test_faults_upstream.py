@@ -19,7 +19,6 @@ import aiohttp
 import pytest
 
 from bench.fake_upstream import DONE_FRAME, RunningUpstream
-from tests.factories import Seed
 from tests.processes import BrokenJsonUpstream, GatewayProcess, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -51,14 +50,6 @@ async def start_gateway(
     yield start
     for process in started:
         await process.stop()
-
-
-@pytest.fixture
-async def token(seed: Seed) -> str:
-    """A token of the owner of a new, trialing organization."""
-    org_id = await seed.org()
-    _user_id, token = await seed.member_with_key(org_id)
-    return token
 
 
 def chat(

@@ -26,7 +26,6 @@ from gateway.app import create_app
 from gateway.proxyserver import MAX_HEAD_BYTES, parse_head
 from gateway.runner import runner_for
 from tests.conftest import RunningGateway
-from tests.factories import Seed
 
 CHAT_PATH = "/api/openrouter/chat/completions"
 MAX_BODY = 10_000
@@ -184,13 +183,6 @@ async def conn(gateway: RunningGateway) -> AsyncIterator[Conn]:
     writer.close()
     with contextlib.suppress(ConnectionError):
         await writer.wait_closed()
-
-
-@pytest.fixture
-async def token(seed: Seed) -> str:
-    org_id = await seed.org()
-    _user_id, key = await seed.member_with_key(org_id)
-    return key
 
 
 def assert_completion(response: Response) -> None:
