@@ -3,8 +3,8 @@
 The proxy records one `Charge` per metered request and moves on; the `UsageLedger`
 writes them in batches off the request path (every `USAGE_FLUSH_INTERVAL_SECONDS` or
 `USAGE_BATCH_SIZE` rows), one transaction per batch. Each batch inserts into `llm_usage`
-with `ON CONFLICT (request_id) DO NOTHING` and adds to `credits_used_microdollars` only
-what it inserted, so a batch retried after an unknown outcome never charges twice, and
+only the rows whose `request_id` is new and adds to `credits_used_microdollars` only what
+it inserted, so a batch retried after an unknown outcome never charges twice, and
 several processes charging one organization leave exactly the sum.
 
 When PostgreSQL does not answer, charges wait in memory (bounded) and are retried;
@@ -115,6 +115,14 @@ class Charge(NamedTuple):
         return cls(**record)
 
 
+def _worth_retrying(exc: asyncpg.PostgresError) -> bool:
+    """An error that says nothing about the rows: an outage, a deadlock, a serialization
+    failure. Any other error refuses the rows, and retrying them as they are cannot help."""
+    return isinstance(exc, UNAVAILABLE_ERRORS) or (exc.sqlstate or "").startswith(
+        _RETRY_SQLSTATE_CLASS
+    )
+
+
 def _clamp_tokens(count: int) -> int:
     return min(max(count, 0), INT4_MAX)
 
@@ -133,10 +141,11 @@ def _charges(records: list[dict[str, Any]]) -> list[Charge]:
     return charges
 
 
-# One statement: insert what is new, then charge each organization for exactly that.
-# The batch arrives as one JSON array of rows (Charge's fields, in order): encoding ten
-# arrays element by element cost the gateway about 3 us per row, JSON about 0.5.
-_WRITE_BATCH_SQL = """
+# One statement: insert the batch, then charge each organization for exactly what it
+# inserted. The batch arrives as one JSON array of rows (Charge's fields, in order):
+# encoding ten arrays element by element cost the gateway about 3 us per row, JSON 0.5.
+# `{on_conflict}` is empty for the first attempt (see `write_batch`).
+_WRITE_BATCH_TEMPLATE = """
 WITH batch AS (
     SELECT r->>0 AS request_id, (r->>1)::uuid AS organization_id, r->>2 AS user_id,
            r->>3 AS model, (r->>4)::int AS prompt_tokens, (r->>5)::int AS completion_tokens,
@@ -149,7 +158,7 @@ WITH batch AS (
     SELECT request_id, organization_id, user_id, model, prompt_tokens, completion_tokens,
            cost_microdollars, streamed, status, cancelled
     FROM batch ORDER BY position
-    ON CONFLICT (request_id) DO NOTHING
+    {on_conflict}
     RETURNING organization_id, cost_microdollars
 ), per_org AS (
     SELECT organization_id, sum(cost_microdollars)::bigint AS total
@@ -164,6 +173,10 @@ WITH batch AS (
 SELECT (SELECT count(*) FROM inserted) AS inserted,
        coalesce((SELECT sum(total) FROM charged), 0)::bigint AS charged
 """
+_INSERT_BATCH_SQL = _WRITE_BATCH_TEMPLATE.format(on_conflict="")
+_INSERT_NEW_OF_BATCH_SQL = _WRITE_BATCH_TEMPLATE.format(
+    on_conflict="ON CONFLICT (request_id) DO NOTHING"
+)
 
 
 def _lock_order(charge: Charge) -> tuple[str, str]:
@@ -179,7 +192,14 @@ async def write_batch(conn: asyncpg.Connection, charges: list[Charge]) -> tuple[
     ordered = sorted(charges, key=_lock_order)
     payload = await _encode_in_slices(ordered)
     # One statement is one transaction: no BEGIN and COMMIT round trips around it.
-    row = await conn.fetchrow(_WRITE_BATCH_SQL, payload)
+    try:
+        # A plain insert costs PostgreSQL about 6 us a row, one with ON CONFLICT 9: the
+        # speculative insertion it needs is paid for every row, conflict or not.
+        row = await conn.fetchrow(_INSERT_BATCH_SQL, payload)
+    except asyncpg.UniqueViolationError:
+        # Some rows are in already (a batch retried after an unknown outcome, a spool
+        # replayed again): the failed statement changed nothing; skip the rows written.
+        row = await conn.fetchrow(_INSERT_NEW_OF_BATCH_SQL, payload)
     assert row is not None
     return int(row["inserted"]), int(row["charged"])
 
@@ -220,6 +240,8 @@ class UsageLedger:
         self._on_charged = on_charged
         self._wake = asyncio.Event()
         self.spool = Spool(spool_dir)
+        # Replay at start: a crashed process may have left spool files.
+        self._replay_due = True
         metrics.follow_pending(self)
 
     def record(self, charge: Charge) -> None:
@@ -261,6 +283,9 @@ class UsageLedger:
     def _to_spool(self, charges: list[Charge]) -> None:
         self.spool.append(c.record() for c in charges)
         self._spooled_by_us.update((c.request_id, c) for c in charges)
+        # Spilled charges are written back as soon as the database takes a batch again,
+        # even when no write failed meanwhile (a pool waiting out the outage).
+        self._replay_due = True
         log.warning("usage_spooled", charges=len(charges), path=str(self.spool.path))
 
     async def flush_once(self, pool: asyncpg.Pool) -> int:
@@ -299,7 +324,7 @@ class UsageLedger:
             for path, records in files:
                 charges = _charges(records)
                 for start in range(0, len(charges), self._batch_size):
-                    await self._write(pool, charges[start : start + self._batch_size])
+                    await self._write_or_set_aside(pool, charges[start : start + self._batch_size])
                 path.unlink()
                 # Only what this process spooled was counted against balances here.
                 self._written(c for c in charges if self._spooled_by_us.pop(c.request_id, None))
@@ -310,48 +335,79 @@ class UsageLedger:
     async def run(self, pool: asyncpg.Pool) -> None:
         """Flush forever: every interval, at once when a batch fills, backing off on trouble."""
         backoff = self._interval
-        spool_due = True  # replay at start: a crashed process may have left files
+        set_aside = False
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), backoff)
             self._wake.clear()
             try:
-                if spool_due:
-                    await self.replay_spool(pool)
-                    spool_due = False
+                if self._replay_due:
+                    await self._replay(pool)
+                if set_aside:
+                    set_aside = False
+                    await self._set_aside_refused(pool)
                 while await self.flush_once(pool) == self._batch_size:
                     pass
                 backoff = self._interval
             except UNAVAILABLE_ERRORS as exc:
-                spool_due = True  # the outage may have spilled charges to disk
+                self._replay_due = True  # files of a process that died meanwhile, too
                 backoff = min(max(backoff * 2, 0.1), 5.0)
                 log.warning("usage_flush_failed", error=type(exc).__name__, pending=len(self))
             except asyncpg.PostgresError as exc:
                 backoff = self._interval
-                if not (exc.sqlstate or "").startswith(_RETRY_SQLSTATE_CLASS):
-                    await self._set_aside_refused(pool)
+                set_aside = not _worth_retrying(exc)
             except Exception:
                 backoff = min(max(backoff * 2, 0.1), 5.0)
                 log.exception("usage_flush_error", pending=len(self))
 
+    async def _replay(self, pool: asyncpg.Pool) -> None:
+        self._replay_due = False  # a spill from now on sets it again
+        try:
+            await self.replay_spool(pool)
+        except BaseException:
+            self._replay_due = True
+            raise
+
     async def _set_aside_refused(self, pool: asyncpg.Pool) -> None:
-        """The next batch holds a row the database refuses: write row by row, keep the rest."""
-        for charge in self._pop(self._batch_size):
+        """The next batch holds a row the database refuses: write row by row, keep the rest.
+
+        When the database stops answering half-way, what is not written yet goes back to
+        the front of the queue.
+        """
+        batch = self._pop(self._batch_size)
+        for index, charge in enumerate(batch):
             try:
-                await self._write(pool, [charge])
-                self._written([charge])
-            except asyncpg.PostgresError as exc:
-                path = append_rejected(self.spool.directory, [charge.record()])
-                self._written([charge])
-                log.error(
-                    "usage_charge_rejected",
-                    request_id=charge.request_id,
-                    sqlstate=exc.sqlstate,
-                    path=str(path),
-                )
+                await self._write_or_reject(pool, charge)
             except BaseException:
-                self._pending.appendleft(charge)
+                self._pending.extendleft(reversed(batch[index:]))
                 raise
+            self._written([charge])
+
+    async def _write_or_set_aside(self, pool: asyncpg.Pool, charges: list[Charge]) -> None:
+        """Write the charges in one batch, or row by row if the database refuses one."""
+        try:
+            await self._write(pool, charges)
+        except asyncpg.PostgresError as exc:
+            if _worth_retrying(exc):
+                raise
+            for charge in charges:
+                await self._write_or_reject(pool, charge)
+
+    async def _write_or_reject(self, pool: asyncpg.Pool, charge: Charge) -> None:
+        """Write one charge, or set it aside (on disk, logged) if the database refuses its
+        content; an outage or a retryable error raises."""
+        try:
+            await self._write(pool, [charge])
+        except asyncpg.PostgresError as exc:
+            if _worth_retrying(exc):
+                raise
+            path = append_rejected(self.spool.directory, [charge.record()])
+            log.error(
+                "usage_charge_rejected",
+                request_id=charge.request_id,
+                sqlstate=exc.sqlstate,
+                path=str(path),
+            )
 
     async def close(self, pool: asyncpg.Pool, timeout_seconds: float) -> None:
         """Write everything pending; what cannot be written in time goes to the spool."""

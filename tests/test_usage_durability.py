@@ -323,7 +323,9 @@ async def test_charges_spilled_during_an_outage_are_written_once_it_ends(scene: 
         await eventually(scene.charged, (10, 10 * COST, 10 * COST))
     except AssertionError as exc:
         left = len(scene.spooled_request_ids())
-        raise AssertionError(f"{exc}; {left} charges only in the live gateway's spool") from None
+        raise AssertionError(
+            f"{exc}; {left} charges only in the live gateway's spool; {gateway.describe()}"
+        ) from None
     assert await scene.charged_request_ids() == completed
 
 

@@ -371,6 +371,80 @@ async def test_flusher_survives_a_transient_postgres_error(
         await stop(task)
 
 
+# Refuses one request id for its content (22023, invalid_parameter_value), as a CHECK or a
+# type error would; with `hiccup_id`, that row's second insert attempt meets an outage
+# (57P01, admin_shutdown) once.
+REFUSE_ONE_ROW_SQL = """
+CREATE SEQUENCE test_hiccup_seq;
+CREATE FUNCTION test_refuse_one_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.request_id = '{refused_id}' THEN
+        RAISE EXCEPTION 'injected refusal' USING ERRCODE = '22023';
+    END IF;
+    IF NEW.request_id = '{hiccup_id}' AND nextval('test_hiccup_seq') = 2 THEN
+        RAISE EXCEPTION 'injected outage' USING ERRCODE = '57P01';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+CREATE TRIGGER test_refuse_one_row BEFORE INSERT ON llm_usage
+    FOR EACH ROW EXECUTE FUNCTION test_refuse_one_row();
+"""
+
+
+def rejected_ids(ledger: UsageLedger) -> list[str]:
+    return sorted(
+        json.loads(line)["request_id"]
+        for path in ledger.spool.directory.glob("rejected-*.jsonl")
+        for line in path.read_text().splitlines()
+    )
+
+
+async def test_a_refused_row_is_set_aside_and_the_rest_of_its_batch_charged(
+    pool: asyncpg.Pool, db: asyncpg.Connection, seed: Seed, make_ledger: Callable[..., UsageLedger]
+) -> None:
+    """One row the database refuses for good goes to the rejected file; its batch is charged."""
+    org = await seed.org()
+    await db.execute(REFUSE_ONE_ROW_SQL.format(refused_id="req_b", hiccup_id=""))
+    ledger = make_ledger()
+    for request_id in ("req_a", "req_b", "req_c"):
+        ledger.record(charge(org, request_id=request_id))
+    task = await run_in_background(ledger, pool)
+    try:
+        await eventually(lambda: usage_rows(db, org), 2, flusher=task)
+        await eventually(lambda: asyncio.sleep(0, result=len(ledger)), 0, flusher=task)
+        assert await credits_used(db, org) == 2 * COST
+        assert rejected_ids(ledger) == ["req_b"]
+        assert ledger.unwritten_microdollars(org) == 0
+        # The flusher goes on with later charges.
+        ledger.record(charge(org, request_id="req_d"))
+        await eventually(lambda: usage_rows(db, org), 3, flusher=task)
+    finally:
+        await stop(task)
+
+
+async def test_an_outage_while_setting_aside_loses_and_rejects_nothing_else(
+    pool: asyncpg.Pool, db: asyncpg.Connection, seed: Seed, make_ledger: Callable[..., UsageLedger]
+) -> None:
+    """Row by row after a refusal, an outage puts the unwritten rest back in the queue: only
+    the refused row is set aside, and every other charge is written once."""
+    org = await seed.org()
+    # req_a's first attempt is in the failed batch, its second (row by row) meets the outage.
+    await db.execute(REFUSE_ONE_ROW_SQL.format(refused_id="req_b", hiccup_id="req_a"))
+    ledger = make_ledger()
+    for request_id in ("req_a", "req_b", "req_c", "req_d"):
+        ledger.record(charge(org, request_id=request_id))
+    task = await run_in_background(ledger, pool)
+    try:
+        await eventually(lambda: usage_rows(db, org), 3, flusher=task)
+        await eventually(lambda: asyncio.sleep(0, result=len(ledger)), 0, flusher=task)
+        assert await credits_used(db, org) == 3 * COST
+        assert rejected_ids(ledger) == ["req_b"]
+        assert ledger.unwritten_microdollars(org) == 0
+    finally:
+        await stop(task)
+
+
 # --- Spool --------------------------------------------------------------------------------
 
 
@@ -505,6 +579,48 @@ async def test_run_writes_its_own_spool_once_the_database_answers(
     finally:
         await stop(task)
         ledger.spool.rotate()
+
+
+async def test_charges_spilled_while_the_database_answers_are_written_without_a_failure(
+    pool: asyncpg.Pool, db: asyncpg.Connection, seed: Seed, make_ledger: Callable[..., UsageLedger]
+) -> None:
+    """A burst past the bound while the flusher runs (no write failing, as when the pool
+    waits out a short outage) spills to the spool, and the flusher writes the spool too."""
+    org = await seed.org()
+    ledger = make_ledger(max_pending=2)
+    task = await run_in_background(ledger, pool)
+    try:
+        # Once a first charge is written, the flusher's replay at start is behind it.
+        ledger.record(charge(org))
+        await eventually(lambda: usage_rows(db, org), 1, flusher=task)
+        for _ in range(6):
+            ledger.record(charge(org))
+        assert ledger.spool.path is not None and read_spool(ledger.spool.path)
+        await eventually(lambda: usage_rows(db, org), 7, flusher=task)
+        assert await credits_used(db, org) == 7 * COST
+        await eventually(lambda: asyncio.sleep(0, result=spool_files(ledger)), [], flusher=task)
+        assert ledger.unwritten_microdollars(org) == 0
+    finally:
+        await stop(task)
+        ledger.spool.rotate()
+
+
+async def test_a_spool_with_a_refused_row_is_replayed_without_it(
+    pool: asyncpg.Pool, db: asyncpg.Connection, seed: Seed, make_ledger: Callable[..., UsageLedger]
+) -> None:
+    """A refused row in a spool file is set aside; the file's other charges are written and
+    the file deleted, instead of the replay failing at every start."""
+    org = await seed.org()
+    await db.execute(REFUSE_ONE_ROW_SQL.format(refused_id="req_b", hiccup_id=""))
+    crashed = make_ledger(max_pending=0)
+    for request_id in ("req_a", "req_b", "req_c"):
+        crashed.record(charge(org, request_id=request_id))
+    crashed.spool.rotate()
+    successor = make_ledger()
+    assert await successor.replay_spool(pool) == 3
+    assert await credits_used(db, org) == 2 * COST
+    assert rejected_ids(successor) == ["req_b"]
+    assert spool_files(successor) == []
 
 
 async def test_close_writes_everything_pending(
