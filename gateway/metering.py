@@ -2,9 +2,12 @@
 
 OpenRouter reports `usage` (tokens and `cost` in USD) in the JSON of a plain response,
 and in a separate chunk near the end of a stream. The readers here see the bytes the
-client gets, unchanged, and only parse what can hold usage: a stream is split into
-lines, `:` comment lines are never parsed, and JSON is decoded only for `data:` lines
-that mention usage or an error. No I/O: the proxy feeds them, the usage module charges.
+client gets, unchanged, and only read what can hold usage: in a stream, the first
+`data:` line (the model) and the `data:` lines that mention usage, an error or `[DONE]`
+(`:` comment lines never); in a JSON response, its end. OpenRouter's own shape is read
+with a few anchored patterns, anything else by decoding. Metering runs for every
+completion, so its cost is measured (`bench/`). No I/O: the proxy feeds the readers,
+the usage module charges.
 """
 
 from __future__ import annotations
@@ -132,6 +135,70 @@ _SCAN_JSON_VALUE: Callable[[str, int], tuple[Any, int]]
 _SCAN_JSON_VALUE = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
+# OpenRouter's own shape, read without decoding: a body that opens with `id`, `provider`
+# and `model`, and ends with a usage object that starts with the tokens and the cost,
+# its other members (`is_byok`, `*_details`) scalars or flat objects whose strings hold
+# no brace, quote or backslash. Its skeleton (braces, quotes and backslashes alone) then
+# shows that it ends just before the body's closing brace. Keys already read may not
+# come again (a decoder keeps the last). Anything else is read by the general path, so
+# this only has to give the same answer when it matches a JSON body.
+_INT = rb"(0|[1-9][0-9]*)"
+_NUMBER = rb"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)"
+_PLAIN_TEXT = rb"[\x20\x21\x23-\x5b\x5d-\x7e]*"  # printable ASCII, no quote or backslash
+_OPENROUTER_HEAD = re.compile(
+    rb'\{"id":"'
+    + _PLAIN_TEXT
+    + rb'","provider":"'
+    + _PLAIN_TEXT
+    + rb'","model":"('
+    + _PLAIN_TEXT
+    + rb')"'
+)
+_OPENROUTER_USAGE = re.compile(
+    rb'"usage":\{"prompt_tokens":'
+    + _INT
+    + rb',"completion_tokens":'
+    + _INT
+    + rb',"total_tokens":(?:0|[1-9][0-9]*),"cost":'
+    + _NUMBER
+    + rb"(?=[,}])"
+)
+_NOT_SKELETON = bytes(set(range(256)) - set(b'{}"\\'))
+# Members with plain strings and flat objects, the usage object's brace, the body's.
+_USAGE_TAIL_SKELETON = re.compile(rb'(?:""|\{(?:"")*\})*\}\}\Z')
+_KEY_READ = re.compile(rb'"(?:prompt_tokens|completion_tokens|cost|model)"')
+
+
+def openrouter_usage(body: bytes) -> Usage | None:
+    """The usage of a JSON response in OpenRouter's own shape, or None.
+
+    Metering runs for every completion, so this is a handful of C calls: two anchored
+    patterns, a search and a translation, each over a few hundred bytes at most.
+    """
+    head = _OPENROUTER_HEAD.match(body)
+    if head is None:
+        return None
+    at = body.rfind(_USAGE_KEY)
+    known = _OPENROUTER_USAGE.match(body, at) if at > head.end() else None
+    if known is None:
+        return None
+    tail = body[known.end() :].rstrip(_WHITESPACE)
+    if (
+        _USAGE_TAIL_SKELETON.match(tail.translate(None, _NOT_SKELETON)) is None
+        or _KEY_READ.search(tail) is not None
+        or body.find(_MODEL_KEY, head.end(), at) != -1
+    ):
+        return None
+    prompt, completion, cost = known.groups()
+    return Usage(
+        head.group(1).decode("ascii"),
+        int(prompt),
+        int(completion),
+        # As a decoder reads a JSON number: an int unless it has a fraction or exponent.
+        usd_to_microdollars(int(cost) if cost.isdigit() else float(cost)),
+    )
+
+
 def usage_at_the_end(body: bytes) -> Usage | None:
     """The usage of a JSON response that ends with it, as OpenRouter's do; None when unsure.
 
@@ -144,6 +211,9 @@ def usage_at_the_end(body: bytes) -> Usage | None:
     the body, with nothing but the object's own brace opened before it, a plain string.
     Anything else returns None, and the caller decodes the whole body.
     """
+    known = openrouter_usage(body)
+    if known is not None:
+        return known
     closing = len(body.rstrip(_WHITESPACE)) - 1
     if closing <= 0 or body[closing] != _CLOSE_BRACE:
         return None
@@ -189,13 +259,40 @@ def _top_level_model(body: bytes, before: int) -> object:
         return _UNSURE
 
 
-class SseUsageReader:
-    """Follows a `text/event-stream` response and keeps the last usage it reported."""
+_WORTH_READING = (b'"usage"', b'"error"', b"[DONE]")
 
-    __slots__ = ("_partial", "error", "last_usage", "model", "saw_done")
+
+def _lines_worth_reading(complete: bytes, after: int) -> list[tuple[int, int]]:
+    """Where the lines that may hold usage, an error or the end are, in order.
+
+    Most chunks carry only content: for them this is three scans in C, and nothing is
+    split or parsed.
+    """
+    lines = set()
+    for needle in _WORTH_READING:
+        at = complete.find(needle, after)
+        while at != -1:
+            start = complete.rfind(b"\n", 0, at) + 1
+            end = complete.find(b"\n", at)
+            end = len(complete) if end == -1 else end
+            lines.add((start, end))
+            at = complete.find(needle, end)
+    return sorted(lines)
+
+
+class SseUsageReader:
+    """Follows a `text/event-stream` response and keeps the last usage it reported.
+
+    Only `data:` lines are read, and of those only the first (for the stream's model) and
+    the ones that mention usage, an error or `[DONE]`; content chunks in between are
+    skipped without splitting them into lines.
+    """
+
+    __slots__ = ("_partial", "_seen_data", "error", "last_usage", "model", "saw_done")
 
     def __init__(self) -> None:
         self._partial = b""
+        self._seen_data = False
         self.last_usage: Usage | None = None
         self.model: str | None = None
         self.error: dict[str, Any] | None = None
@@ -211,18 +308,46 @@ class SseUsageReader:
         rest = data[end + 1 :]
         self._partial = rest if len(rest) <= MAX_LINE_BYTES else b""
         complete = data[:end]
-        # Most chunks carry only content: skip them without splitting or parsing.
-        if b'"usage"' in complete or b'"error"' in complete or b"[DONE]" in complete:
-            for line in complete.split(b"\n"):
-                self._line(line.rstrip(b"\r"))
+        after = self._first_data_line(complete) if not self._seen_data else 0
+        for start, end in _lines_worth_reading(complete, after):
+            if complete.startswith(_DATA_PREFIX, start):  # not a comment, event: or id:
+                self._data(complete[start + len(_DATA_PREFIX) : end].strip())
 
-    def _line(self, line: bytes) -> None:
-        if not line.startswith(_DATA_PREFIX):
-            return  # comment (": OPENROUTER PROCESSING"), event:, id:, or blank
-        payload = line[len(_DATA_PREFIX) :].strip()
+    def _first_data_line(self, complete: bytes) -> int:
+        """Read the stream's first `data:` line, if it is here; return where it ends."""
+        start = 0
+        if not complete.startswith(_DATA_PREFIX):
+            start = complete.find(b"\n" + _DATA_PREFIX) + 1
+            if start == 0:
+                return 0  # comments so far
+        end = complete.find(b"\n", start)
+        end = len(complete) if end == -1 else end
+        self._seen_data = True
+        self._data(complete[start + len(_DATA_PREFIX) : end].strip())
+        return end
+
+    def _data(self, payload: bytes) -> None:
+        """One `data:` line's payload: the stream's first, or one worth reading."""
         if payload == b"[DONE]":
             self.saw_done = True
             return
+        if b'"error"' not in payload:
+            usage = openrouter_usage(payload)
+            if usage is not None:
+                self.model, self.last_usage = usage.model, usage
+                return
+            # A content chunk in OpenRouter's shape names the model at its start.
+            head = _OPENROUTER_HEAD.match(payload)
+            if (
+                head is not None
+                and b'"usage"' not in payload
+                and payload.find(_MODEL_KEY, head.end()) == -1
+            ):
+                self.model = head.group(1).decode("ascii")
+                return
+        self._decoded(payload)
+
+    def _decoded(self, payload: bytes) -> None:
         try:
             obj = json.loads(payload)
         except ValueError:

@@ -264,9 +264,12 @@ async def relay(
             await sink.write(b"")
             chunk = await upstream.read_chunk()
         while chunk:
-            await sink.write(chunk)
             if meter is not None:
+                # Before the write: a client woken by it could ask for more while the meter
+                # reads, and the next write (often just the end of the body) would have to
+                # wake it again, which costs this machine more than the reading.
                 meter.feed(chunk)
+            await sink.write(chunk)
             chunk = await upstream.read_chunk()
         client_gone = False
         await sink.end()

@@ -206,7 +206,8 @@ def test_usage_without_model_takes_the_streams_model() -> None:
         b'data: {"model":"a/b","choices":[{"delta":{"content":"x"}}]}\n\n'
         b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3,"cost":1e-5}}\n\n'
     )
-    assert read_stream([stream]).usage() == Usage("a/b", 2, 3, 10)
+    for position in range(len(stream) + 1):
+        assert read_stream(cut(stream, [position])).usage() == Usage("a/b", 2, 3, 10), position
 
 
 @pytest.mark.parametrize(
