@@ -25,6 +25,7 @@ from gateway.metering import (
     Meter,
     SseUsageReader,
     Usage,
+    openrouter_usage,
     requested_model,
     usage_at_the_end,
     usage_from_object,
@@ -359,6 +360,83 @@ def test_any_body_reads_the_same_usage_from_its_end(head: dict[str, Any], usage:
     reader = JsonUsageReader()
     reader.feed(raw)
     assert reader.usage() == slow_usage(raw)
+
+
+# OpenRouter's JSON response as of late 2025: usage last, with its details objects.
+OPENROUTER_BODY = (
+    b'{"id":"gen-1764000000-abc","provider":"OpenAI","model":"openai/gpt-4o-mini",'
+    b'"object":"chat.completion","created":1764000000,"choices":[{"logprobs":null,'
+    b'"finish_reason":"stop","native_finish_reason":"stop","index":0,"message":{"role":'
+    b'"assistant","content":"Hi! {\\"usage\\": 1}","refusal":null,"reasoning":null}}],'
+    b'"usage":{"prompt_tokens":12,"completion_tokens":34,"total_tokens":46,"cost":0.00042,'
+    b'"is_byok":false,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},'
+    b'"cost_details":{"upstream_inference_cost":null,"upstream_inference_prompt_cost":1.8e-06,'
+    b'"upstream_inference_completions_cost":2e-05},"completion_tokens_details":'
+    b'{"reasoning_tokens":0,"image_tokens":0}}}'
+)
+
+
+def test_openrouters_own_shape_is_read_without_decoding(captured: Captured) -> None:
+    """The fast path takes OpenRouter's real response and the fake's, and agrees with a decode."""
+    assert openrouter_usage(OPENROUTER_BODY) == slow_usage(OPENROUTER_BODY)
+    assert openrouter_usage(OPENROUTER_BODY) == Usage(MODEL, 12, 34, 420)
+    assert openrouter_usage(captured.chat_json) == EXPECTED
+    assert openrouter_usage(OPENROUTER_BODY + b"\n") == Usage(MODEL, 12, 34, 420)
+
+
+PLAIN_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=8)
+# Keys near the ones the fast path reads or refuses, so duplicates and look-alikes occur.
+USAGE_KEYS = st.sampled_from(
+    ["is_byok", "cost", "prompt_tokens", "completion_tokens", "cost_details", "model", "x"]
+)
+TOP_KEYS = st.sampled_from(["object", "model", "choices", "usage", "x"])
+SMALL_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(-1, 1e6) | PLAIN_TEXT
+    | st.text(max_size=4),
+    lambda children: st.dictionaries(USAGE_KEYS, children, max_size=3)
+    | st.lists(children, max_size=2),
+    max_leaves=5,
+)
+
+
+def members(pairs: list[tuple[str, Any]]) -> str:
+    """An object's text from (key, value) pairs, duplicates kept as written."""
+    return "{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs) + "}"
+
+
+@settings(max_examples=600, derandomize=True, database=None)
+@given(
+    head=st.tuples(PLAIN_TEXT, PLAIN_TEXT, PLAIN_TEXT | st.text(max_size=4)),
+    middle=st.lists(st.tuples(TOP_KEYS, SMALL_VALUES), max_size=2),
+    tokens=st.tuples(st.integers(0, 10**9), st.integers(-1, 10**9), st.integers(0, 10**9)),
+    cost=st.integers(0, 9) | st.floats(0, 10) | st.floats(-1, 0),
+    extra=st.lists(st.tuples(USAGE_KEYS, SMALL_VALUES), max_size=3),
+    ending=st.sampled_from(["}", "}\n", "} ", "}}", "},1]}"]),
+)
+def test_openrouters_shape_reads_as_a_decoder_reads_it(
+    head: tuple[str, str, str],
+    middle: list[tuple[str, Any]],
+    tokens: tuple[int, int, int],
+    cost: float,
+    extra: list[tuple[str, Any]],
+    ending: str,
+) -> None:
+    """Bodies in and near OpenRouter's shape (duplicate keys, nested look-alikes, strings
+    with braces and quotes, junk after the usage): the fast path agrees with a full
+    decode whenever it answers, and so does the reader as a whole."""
+    usage = [
+        ("prompt_tokens", tokens[0]),
+        ("completion_tokens", tokens[1]),
+        ("total_tokens", tokens[2]),
+        ("cost", cost),
+        *extra,
+    ]
+    pairs = [("id", head[0]), ("provider", head[1]), ("model", head[2]), *middle]
+    text = members(pairs)[:-1] + f',"usage":{members(usage)}' + ending
+    raw = text.encode()
+    fast = openrouter_usage(raw)
+    assert fast is None or fast == slow_usage(raw)
+    assert usage_at_the_end(raw) in (None, slow_usage(raw))
 
 
 # --- USD to microdollars ------------------------------------------------------------------
