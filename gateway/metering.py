@@ -412,24 +412,29 @@ class Meter:
             self._reader.feed(chunk)
 
     def charge(
-        self, *, request_id: str, organization_id: str, user_id: str, status: int, cancelled: bool
+        self, request_id: str, organization_id: str, user_id: str, status: int, cancelled: bool
     ) -> Charge:
         """The request's charge: what the upstream reported, nothing for `:free` models.
 
         The model is the one the upstream says it ran, else the one requested.
         """
         usage = self._reader.usage() if self._reader is not None else None
-        model = usage.model if usage is not None and usage.model else self.model()
-        cost = 0 if usage is None or is_free_model(model) else usage.cost_microdollars
+        if usage is None:
+            model, prompt, completion, cost = self.model(), None, None, 0
+        else:
+            model = usage.model or self.model()
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            cost = 0 if is_free_model(model) else usage.cost_microdollars
+        # Positional: this runs once per metered request.
         return Charge.make(
-            request_id=request_id,
-            organization_id=organization_id,
-            user_id=user_id,
-            model=model,
-            prompt_tokens=usage.prompt_tokens if usage is not None else None,
-            completion_tokens=usage.completion_tokens if usage is not None else None,
-            cost_microdollars=cost,
-            streamed=self.streamed,
-            status=status,
-            cancelled=cancelled,
+            request_id,
+            organization_id,
+            user_id,
+            model,
+            prompt,
+            completion,
+            cost,
+            self.streamed,
+            status,
+            cancelled,
         )

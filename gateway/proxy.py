@@ -160,11 +160,11 @@ class _Charger:
         self.done = True
         self._ledger.record(
             self._meter.charge(
-                request_id=self._ctx.request_id,
-                organization_id=self._caller.organization_id,
-                user_id=self._caller.user_id,
-                status=status,
-                cancelled=cancelled,
+                self._ctx.request_id,
+                self._caller.organization_id,
+                self._caller.user_id,
+                status,
+                cancelled,
             )
         )
 

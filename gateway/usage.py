@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
+import operator
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -67,7 +69,6 @@ class Charge(NamedTuple):
     @classmethod
     def make(
         cls,
-        *,
         request_id: str,
         organization_id: str,
         user_id: str,
@@ -179,8 +180,10 @@ _INSERT_NEW_OF_BATCH_SQL = _WRITE_BATCH_TEMPLATE.format(
 )
 
 
-def _lock_order(charge: Charge) -> tuple[str, str]:
-    return charge.organization_id, charge.request_id
+# Rows go in a fixed order, organization then request (see `write_batch`).
+_LOCK_ORDER = operator.itemgetter(1, 0)
+_ORGANIZATION = operator.itemgetter(1)
+_COST = operator.itemgetter(6)
 
 
 async def write_batch(conn: asyncpg.Connection, charges: list[Charge]) -> tuple[int, int]:
@@ -189,7 +192,7 @@ async def write_batch(conn: asyncpg.Connection, charges: list[Charge]) -> tuple[
     Rows go in a fixed order (organization, then request) so that two processes writing
     overlapping batches take their locks in the same order instead of deadlocking.
     """
-    ordered = sorted(charges, key=_lock_order)
+    ordered = sorted(charges, key=_LOCK_ORDER)
     payload = await _encode_in_slices(ordered)
     # One statement is one transaction: no BEGIN and COMMIT round trips around it.
     try:
@@ -267,14 +270,17 @@ class UsageLedger:
 
     def _written(self, charges: Iterable[Charge]) -> None:
         """The charges are in the database: they no longer lower the cached balance."""
-        for charge in charges:
-            if not charge.cost_microdollars:
+        # Summed per organization in C: a batch has hundreds of rows and a few organizations.
+        ordered = sorted(charges, key=_LOCK_ORDER)
+        for organization_id, rows in itertools.groupby(ordered, key=_ORGANIZATION):
+            written = sum(map(_COST, rows))
+            if not written:
                 continue  # never counted
-            left = self._unwritten_by_org[charge.organization_id] - charge.cost_microdollars
+            left = self._unwritten_by_org[organization_id] - written
             if left:
-                self._unwritten_by_org[charge.organization_id] = left
+                self._unwritten_by_org[organization_id] = left
             else:
-                del self._unwritten_by_org[charge.organization_id]
+                del self._unwritten_by_org[organization_id]
 
     def _spill(self) -> None:
         """Move the oldest charges past the bound to the spool file."""
@@ -313,7 +319,7 @@ class UsageLedger:
         async with pool.acquire(timeout=self._interval * 40) as conn:
             inserted, charged = await write_batch(conn, batch)
         metrics.CHARGED_MICRODOLLARS.inc(charged)
-        self._on_charged({c.organization_id for c in batch})
+        self._on_charged(set(map(_ORGANIZATION, batch)))
         return inserted, charged
 
     async def replay_spool(self, pool: asyncpg.Pool) -> int:

@@ -391,10 +391,15 @@ USAGE_KEYS = st.sampled_from(
 )
 TOP_KEYS = st.sampled_from(["object", "model", "choices", "usage", "x"])
 SMALL_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(-1, 1e6) | PLAIN_TEXT
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 10**6)
+    | st.floats(-1, 1e6)
+    | PLAIN_TEXT
     | st.text(max_size=4),
-    lambda children: st.dictionaries(USAGE_KEYS, children, max_size=3)
-    | st.lists(children, max_size=2),
+    lambda children: (
+        st.dictionaries(USAGE_KEYS, children, max_size=3) | st.lists(children, max_size=2)
+    ),
     max_leaves=5,
 )
 
