@@ -45,7 +45,7 @@ def prepare(opts: Options, stack: contextlib.ExitStack, tmp: Path, log_dir: Path
         "upstream", log_dir, chunks=opts.chunks, interval_seconds=opts.interval_ms / 1000
     )
     stack.callback(upstream.child.stop)
-    if not {targets.GATEWAY, targets.GATEWAY_COLD} & set(opts.targets):
+    if not {targets.GATEWAY, targets.GATEWAY_UNMETERED, targets.GATEWAY_COLD} & set(opts.targets):
         return Prepared(upstream, "kilo_bench_no_gateway")
     db = stack.enter_context(
         database.scratch_database(opts.database_url)

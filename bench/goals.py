@@ -1,4 +1,4 @@
-"""The figures issue 5 sets for the gateway, checked against this run's results.
+"""The figures issues 5 and 3 set for the gateway, checked against this run's results.
 
 Each goal is computed only from figures the run has; a goal the run cannot judge (no
 LiteLLM, a single worker, no memory test) says so instead of passing.
@@ -101,6 +101,36 @@ def _stream_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return goals
 
 
+def _metering_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """What metering costs (issue 3): the gateway against itself with metering off, in
+    every cell both ran above concurrency 1. Throughput tells where the gateway's CPU is
+    the limit (small); CPU per request (the gateway's and PostgreSQL's) tells it where the
+    upstream's pace is (stream, mix)."""
+    goals = []
+    for cell in doc["cells"]:
+        if cell["target"] != "gateway" or cell["concurrency"] == 1:
+            continue
+        scenario, c = cell["scenario"], cell["concurrency"]
+        unmetered = _cell(doc, "gateway-unmetered", scenario, c)
+        if unmetered is None or not unmetered["rate"]:
+            continue
+        throughput = 1 - cell["rate"] / unmetered["rate"]
+        cpu = _cpu_per_request(cell) / _cpu_per_request(unmetered) - 1
+        goals.append(
+            _goal(
+                f"metering costs <= 5% ({scenario}, c={c})",
+                f"{throughput:.1%} of throughput, {cpu:+.1%} CPU a request",
+                throughput <= 0.05 and cpu <= 0.05,
+            )
+        )
+    return goals
+
+
+def _cpu_per_request(cell: dict[str, Any]) -> float:
+    """Seconds of CPU per 1,000 requests: the target's, plus PostgreSQL's."""
+    return float(cell["cpu_seconds_per_1k"]) + float(cell["db_cpu_seconds_per_1k"] or 0)
+
+
 def _memory_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Open streams without errors, under 150 MB."""
     entry = next((m for m in doc["memory"] if m["target"] == "gateway"), None)
@@ -120,5 +150,6 @@ def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
         *_latency_goals(doc),
         *_throughput_goals(doc),
         *_stream_goals(doc),
+        *_metering_goals(doc),
         *_memory_goals(doc),
     ]

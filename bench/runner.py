@@ -73,6 +73,9 @@ def _starters(
     return {
         targets.FLOOR: lambda: targets.start_floor(up, log_dir, token),
         targets.GATEWAY: lambda: gateway(targets.GATEWAY, token=token),
+        targets.GATEWAY_UNMETERED: lambda: gateway(
+            targets.GATEWAY_UNMETERED, token=token, module="bench.unmetered"
+        ),
         targets.GATEWAY_COLD: lambda: gateway(targets.GATEWAY_COLD, keys_file=prep.cold_keys_file),
         targets.NGINX: lambda: targets.start_nginx(up, opts.workers, tmp, log_dir, token),
         targets.LITELLM: lambda: targets.start_litellm(

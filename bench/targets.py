@@ -27,9 +27,11 @@ DIRECT: Final = "direct"
 FLOOR: Final = "aiohttp-floor"
 GATEWAY: Final = "gateway"
 GATEWAY_COLD: Final = "gateway-cold"
+# The gateway with metering switched off (`bench/unmetered.py`): what metering costs.
+GATEWAY_UNMETERED: Final = "gateway-unmetered"
 NGINX: Final = "nginx"
 LITELLM: Final = "litellm"
-ALL_TARGETS: Final = (DIRECT, FLOOR, GATEWAY, GATEWAY_COLD, NGINX, LITELLM)
+ALL_TARGETS: Final = (DIRECT, FLOOR, GATEWAY, GATEWAY_UNMETERED, GATEWAY_COLD, NGINX, LITELLM)
 
 HOST: Final = "127.0.0.1"
 MODEL: Final = "openai/gpt-4o-mini"
@@ -126,17 +128,19 @@ class GatewayOptions:
     token: str | None = None
     keys_file: Path | None = None
     keep_stdout: bool = False
+    module: str = "gateway"  # or "bench.unmetered"
 
 
 def start_gateway(
     options: GatewayOptions, upstream: Upstream, database_url: str, tmp: Path, log_dir: Path
 ) -> Target:
-    """Start ``python -m gateway serve`` with its stdout (the request log) to /dev/null."""
+    """Start ``python -m gateway serve`` (or ``options.module``) with its stdout (the
+    request log) to /dev/null."""
     port = free_port()
     work_dir = tmp / options.name
     work_dir.mkdir(exist_ok=True)
     env = gateway_env(upstream, database_url, port, work_dir)
-    argv = [sys.executable, "-m", "gateway", "serve", "--workers", str(options.workers)]
+    argv = [sys.executable, "-m", options.module, "serve", "--workers", str(options.workers)]
     child = spawn(
         options.name,
         argv,

@@ -263,11 +263,7 @@ _WORTH_READING = (b'"usage"', b'"error"', b"[DONE]")
 
 
 def _lines_worth_reading(complete: bytes, after: int) -> list[tuple[int, int]]:
-    """Where the lines that may hold usage, an error or the end are, in order.
-
-    Most chunks carry only content: for them this is three scans in C, and nothing is
-    split or parsed.
-    """
+    """Where the lines that may hold usage, an error or the end are, in order."""
     lines = set()
     for needle in _WORTH_READING:
         at = complete.find(needle, after)
@@ -305,8 +301,10 @@ class SseUsageReader:
         if end == -1:
             self._partial = data if len(data) <= MAX_LINE_BYTES else b""
             return
-        rest = data[end + 1 :]
+        rest = data[end + 1 :] if end + 1 < len(data) else b""
         self._partial = rest if len(rest) <= MAX_LINE_BYTES else b""
+        if self._seen_data and not (b'"usage"' in data or b'"error"' in data or b"[DONE]" in data):
+            return  # content, as most chunks are: three scans in C, nothing split or parsed
         complete = data[:end]
         after = self._first_data_line(complete) if not self._seen_data else 0
         for start, end in _lines_worth_reading(complete, after):
@@ -401,15 +399,13 @@ class Meter:
             self._model, self._model_known = requested_model(self._body), True
         return self._model
 
-    def start(self, content_type: str) -> None:
-        """The response's headers arrived: pick the reader its content type needs."""
+    def start(self, content_type: str) -> Callable[[bytes], None]:
+        """The response's headers arrived: pick the reader its content type needs, and
+        return what to feed every body chunk to (the reader's own `feed`, called for
+        every chunk of every stream, with no call in between)."""
         self.streamed = content_type == "text/event-stream"
         self._reader = SseUsageReader() if self.streamed else JsonUsageReader()
-
-    def feed(self, chunk: bytes) -> None:
-        """See the next bytes the client was sent."""
-        if self._reader is not None:
-            self._reader.feed(chunk)
+        return self._reader.feed
 
     def charge(
         self, request_id: str, organization_id: str, user_id: str, status: int, cancelled: bool

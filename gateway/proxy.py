@@ -243,9 +243,7 @@ async def relay(
     headers = relay_headers(upstream.headers, ctx.request_id)
     if would_block is not None:
         headers[WOULD_BLOCK_HEADER] = would_block
-    meter = charge.meter if charge is not None else None
-    if meter is not None:
-        meter.start(upstream.content_type)
+    feed_meter = charge.meter.start(upstream.content_type) if charge is not None else None
     metrics.stream_opened()
     client_gone = True  # until the response ends one of the known ways
     try:
@@ -264,11 +262,11 @@ async def relay(
             await sink.write(b"")
             chunk = await upstream.read_chunk()
         while chunk:
-            if meter is not None:
+            if feed_meter is not None:
                 # Before the write: a client woken by it could ask for more while the meter
                 # reads, and the next write (often just the end of the body) would have to
                 # wake it again, which costs this machine more than the reading.
-                meter.feed(chunk)
+                feed_meter(chunk)
             await sink.write(chunk)
             chunk = await upstream.read_chunk()
         client_gone = False

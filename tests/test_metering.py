@@ -588,8 +588,8 @@ def charge_of(meter: Meter, **overrides: Any) -> Any:
 def test_meter_charges_a_stream(captured: Captured) -> None:
     """A metered stream's charge carries its model, tokens, cost, and streamed=True."""
     meter = Meter(json.dumps({"model": MODEL, "stream": True}).encode())
-    meter.start("text/event-stream")
-    meter.feed(captured.chat_stream)
+    feed = meter.start("text/event-stream")
+    feed(captured.chat_stream)
     charge = charge_of(meter)
     assert (charge.model, charge.prompt_tokens, charge.completion_tokens) == (MODEL, 11, 7)
     assert charge.cost_microdollars == 420
@@ -599,8 +599,8 @@ def test_meter_charges_a_stream(captured: Captured) -> None:
 def test_meter_charges_json(captured: Captured) -> None:
     """A metered JSON completion is charged its usage, streamed=False."""
     meter = Meter(json.dumps({"model": MODEL}).encode())
-    meter.start("application/json")
-    meter.feed(captured.chat_json)
+    feed = meter.start("application/json")
+    feed(captured.chat_json)
     charge = charge_of(meter)
     assert charge.cost_microdollars == 420
     assert charge.streamed is False
@@ -609,8 +609,8 @@ def test_meter_charges_json(captured: Captured) -> None:
 def test_meter_charges_nothing_for_free_models(captured: Captured) -> None:
     """A `:free` model costs 0 even when the upstream reports a cost; tokens are kept."""
     meter = Meter(json.dumps({"model": FREE_MODEL, "stream": True}).encode())
-    meter.start("text/event-stream")
-    meter.feed(captured.free_stream)
+    feed = meter.start("text/event-stream")
+    feed(captured.free_stream)
     charge = charge_of(meter)
     assert charge.model == FREE_MODEL
     assert charge.cost_microdollars == 0
@@ -620,8 +620,8 @@ def test_meter_charges_nothing_for_free_models(captured: Captured) -> None:
 def test_meter_without_usage_charges_zero_and_keeps_cancelled() -> None:
     """A response with no usage (abandoned early) is recorded at cost 0, cancelled as told."""
     meter = Meter(json.dumps({"model": MODEL, "stream": True}).encode())
-    meter.start("text/event-stream")
-    meter.feed(b": OPENROUTER PROCESSING\n\ndata: {")
+    feed = meter.start("text/event-stream")
+    feed(b": OPENROUTER PROCESSING\n\ndata: {")
     charge = charge_of(meter, status=200, cancelled=True)
     assert (charge.model, charge.cost_microdollars, charge.cancelled) == (MODEL, 0, True)
     assert charge.prompt_tokens is None
