@@ -138,8 +138,8 @@ _SCAN_JSON_VALUE = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 # OpenRouter's own shape, read without decoding: a body that opens with `id`, `provider`
 # and `model`, and ends with a usage object that starts with the tokens and the cost,
 # its other members (`is_byok`, `*_details`) scalars or flat objects whose strings hold
-# no brace, quote or backslash. Its skeleton (braces, quotes and backslashes alone) then
-# shows that it ends just before the body's closing brace. Keys already read may not
+# no brace, bracket, quote or backslash. Its skeleton (those characters alone) then
+# shows that it ends just before the body's closing brace (not inside an array). Keys already read may not
 # come again (a decoder keeps the last). Anything else is read by the general path, so
 # this only has to give the same answer when it matches a JSON body.
 _INT = rb"(0|[1-9][0-9]*)"
@@ -163,7 +163,7 @@ _OPENROUTER_USAGE = re.compile(
     + _NUMBER
     + rb"(?=[,}])"
 )
-_NOT_SKELETON = bytes(set(range(256)) - set(b'{}"\\'))
+_NOT_SKELETON = bytes(set(range(256)) - set(b'{}[]"\\'))
 # Members with plain strings and flat objects, the usage object's brace, the body's.
 _USAGE_TAIL_SKELETON = re.compile(rb'(?:""|\{(?:"")*\})*\}\}\Z')
 _KEY_READ = re.compile(rb'"(?:prompt_tokens|completion_tokens|cost|model)"')

@@ -416,7 +416,7 @@ def members(pairs: list[tuple[str, Any]]) -> str:
     tokens=st.tuples(st.integers(0, 10**9), st.integers(-1, 10**9), st.integers(0, 10**9)),
     cost=st.integers(0, 9) | st.floats(0, 10) | st.floats(-1, 0),
     extra=st.lists(st.tuples(USAGE_KEYS, SMALL_VALUES), max_size=3),
-    ending=st.sampled_from(["}", "}\n", "} ", "}}", "},1]}"]),
+    ending=st.sampled_from(["}", "}\n", "} ", "}}", "},1]}", "]}", "}]}"]),
 )
 def test_openrouters_shape_reads_as_a_decoder_reads_it(
     head: tuple[str, str, str],
