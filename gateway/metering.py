@@ -30,6 +30,9 @@ _NEAR_HALF = 1e-4
 METERED_PATHS = frozenset({"chat/completions", "completions"})
 # A usage line longer than this is not a usage line; stop buffering rather than grow.
 MAX_LINE_BYTES = 1 << 20
+# A stream's chunks are read together once this many bytes have come (and at the end):
+# a few kilobytes per open stream, read a few times per stream rather than per chunk.
+READ_EVERY_BYTES = 16 * 1024
 _DATA_PREFIX = b"data:"
 
 
@@ -139,9 +142,9 @@ _SCAN_JSON_VALUE = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 # and `model`, and ends with a usage object that starts with the tokens and the cost,
 # its other members (`is_byok`, `*_details`) scalars or flat objects whose strings hold
 # no brace, bracket, quote or backslash. Its skeleton (those characters alone) then
-# shows that it ends just before the body's closing brace (not inside an array). Keys already read may not
-# come again (a decoder keeps the last). Anything else is read by the general path, so
-# this only has to give the same answer when it matches a JSON body.
+# shows that it ends just before the body's closing brace, not inside an array. Keys
+# already read may not come again (a decoder keeps the last). Anything else is read by
+# the general path, so this only has to give the same answer when it matches JSON.
 _INT = rb"(0|[1-9][0-9]*)"
 _NUMBER = rb"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)"
 _PLAIN_TEXT = rb"[\x20\x21\x23-\x5b\x5d-\x7e]*"  # printable ASCII, no quote or backslash
@@ -279,24 +282,70 @@ def _lines_worth_reading(complete: bytes, after: int) -> list[tuple[int, int]]:
 class SseUsageReader:
     """Follows a `text/event-stream` response and keeps the last usage it reported.
 
-    Only `data:` lines are read, and of those only the first (for the stream's model) and
-    the ones that mention usage, an error or `[DONE]`; content chunks in between are
-    skipped without splitting them into lines.
+    Chunks are kept as they arrive and read a few kilobytes at a time (and at the end):
+    a stream is hundreds of small chunks, and looking at each one as it passed cost more
+    than reading them together. Of the lines, only `data:` lines are read, and of those
+    only the first (for the stream's model) and the ones that mention usage, an error or
+    `[DONE]`.
     """
 
-    __slots__ = ("_partial", "_seen_data", "error", "last_usage", "model", "saw_done")
+    __slots__ = (
+        "_error",
+        "_last_usage",
+        "_model",
+        "_partial",
+        "_saw_done",
+        "_seen_data",
+        "_unread",
+        "_unread_bytes",
+    )
 
     def __init__(self) -> None:
+        self._unread: list[bytes] = []
+        self._unread_bytes = 0
         self._partial = b""
         self._seen_data = False
-        self.last_usage: Usage | None = None
-        self.model: str | None = None
-        self.error: dict[str, Any] | None = None
-        self.saw_done = False
+        self._last_usage: Usage | None = None
+        self._model: str | None = None
+        self._error: dict[str, Any] | None = None
+        self._saw_done = False
 
     def feed(self, chunk: bytes) -> None:
         """See the next bytes of the stream, in whatever pieces the network cut it."""
-        data = self._partial + chunk if self._partial else chunk
+        self._unread.append(chunk)
+        self._unread_bytes += len(chunk)
+        if self._unread_bytes >= READ_EVERY_BYTES:
+            self._read_unread()
+
+    def usage(self) -> Usage | None:
+        """The last usage the stream reported so far (the final one wins)."""
+        self._read_unread()
+        return self._last_usage
+
+    @property
+    def model(self) -> str | None:
+        """The model the stream named (its first data line, or its usage chunk)."""
+        self._read_unread()
+        return self._model
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """The in-band error event the stream sent, if any."""
+        self._read_unread()
+        return self._error
+
+    @property
+    def saw_done(self) -> bool:
+        """Whether the stream sent its `data: [DONE]`."""
+        self._read_unread()
+        return self._saw_done
+
+    def _read_unread(self) -> None:
+        if not self._unread:
+            return
+        unread = self._unread[0] if len(self._unread) == 1 else b"".join(self._unread)
+        self._unread, self._unread_bytes = [], 0
+        data = self._partial + unread if self._partial else unread
         end = data.rfind(b"\n")
         if end == -1:
             self._partial = data if len(data) <= MAX_LINE_BYTES else b""
@@ -304,7 +353,7 @@ class SseUsageReader:
         rest = data[end + 1 :] if end + 1 < len(data) else b""
         self._partial = rest if len(rest) <= MAX_LINE_BYTES else b""
         if self._seen_data and not (b'"usage"' in data or b'"error"' in data or b"[DONE]" in data):
-            return  # content, as most chunks are: three scans in C, nothing split or parsed
+            return  # content, as most of a stream is: three scans in C
         complete = data[:end]
         after = self._first_data_line(complete) if not self._seen_data else 0
         for start, end in _lines_worth_reading(complete, after):
@@ -327,12 +376,12 @@ class SseUsageReader:
     def _data(self, payload: bytes) -> None:
         """One `data:` line's payload: the stream's first, or one worth reading."""
         if payload == b"[DONE]":
-            self.saw_done = True
+            self._saw_done = True
             return
         if b'"error"' not in payload:
             usage = openrouter_usage(payload)
             if usage is not None:
-                self.model, self.last_usage = usage.model, usage
+                self._model, self._last_usage = usage.model, usage
                 return
             # A content chunk in OpenRouter's shape names the model at its start.
             head = _OPENROUTER_HEAD.match(payload)
@@ -341,7 +390,7 @@ class SseUsageReader:
                 and b'"usage"' not in payload
                 and payload.find(_MODEL_KEY, head.end()) == -1
             ):
-                self.model = head.group(1).decode("ascii")
+                self._model = head.group(1).decode("ascii")
                 return
         self._decoded(payload)
 
@@ -353,16 +402,12 @@ class SseUsageReader:
         if not isinstance(obj, dict):
             return
         if isinstance(obj.get("model"), str):
-            self.model = obj["model"]
+            self._model = obj["model"]
         if isinstance(obj.get("error"), dict):
-            self.error = obj["error"]
-        usage = usage_from_object(obj, self.model)
+            self._error = obj["error"]
+        usage = usage_from_object(obj, self._model)
         if usage is not None:
-            self.last_usage = usage
-
-    def usage(self) -> Usage | None:
-        """The last usage the stream reported (the final one wins)."""
-        return self.last_usage
+            self._last_usage = usage
 
 
 def requested_model(body: bytes) -> str | None:
