@@ -411,11 +411,14 @@ async def test_a_refused_row_is_set_aside_and_the_rest_of_its_batch_charged(
         ledger.record(charge(org, request_id=request_id))
     task = await run_in_background(ledger, pool)
     try:
-        await eventually(lambda: usage_rows(db, org), 2, flusher=task)
-        await eventually(lambda: asyncio.sleep(0, result=len(ledger)), 0, flusher=task)
+        # Unwritten drops once each row's write is known to have committed.
+        await eventually(
+            lambda: asyncio.sleep(0, result=ledger.unwritten_microdollars(org)), 0, flusher=task
+        )
+        assert len(ledger) == 0
+        assert await usage_rows(db, org) == 2
         assert await credits_used(db, org) == 2 * COST
         assert rejected_ids(ledger) == ["req_b"]
-        assert ledger.unwritten_microdollars(org) == 0
         # The flusher goes on with later charges.
         ledger.record(charge(org, request_id="req_d"))
         await eventually(lambda: usage_rows(db, org), 3, flusher=task)
@@ -436,11 +439,13 @@ async def test_an_outage_while_setting_aside_loses_and_rejects_nothing_else(
         ledger.record(charge(org, request_id=request_id))
     task = await run_in_background(ledger, pool)
     try:
-        await eventually(lambda: usage_rows(db, org), 3, flusher=task)
-        await eventually(lambda: asyncio.sleep(0, result=len(ledger)), 0, flusher=task)
+        await eventually(
+            lambda: asyncio.sleep(0, result=ledger.unwritten_microdollars(org)), 0, flusher=task
+        )
+        assert len(ledger) == 0
+        assert await usage_rows(db, org) == 3
         assert await credits_used(db, org) == 3 * COST
         assert rejected_ids(ledger) == ["req_b"]
-        assert ledger.unwritten_microdollars(org) == 0
     finally:
         await stop(task)
 
@@ -599,7 +604,9 @@ async def test_charges_spilled_while_the_database_answers_are_written_without_a_
         await eventually(lambda: usage_rows(db, org), 7, flusher=task)
         assert await credits_used(db, org) == 7 * COST
         await eventually(lambda: asyncio.sleep(0, result=spool_files(ledger)), [], flusher=task)
-        assert ledger.unwritten_microdollars(org) == 0
+        await eventually(
+            lambda: asyncio.sleep(0, result=ledger.unwritten_microdollars(org)), 0, flusher=task
+        )
     finally:
         await stop(task)
         ledger.spool.rotate()
