@@ -8,19 +8,15 @@ here, never as a setting of the gateway itself.
 
 from __future__ import annotations
 
-import sys
+import runpy
 
 from gateway import proxy
-from gateway.__main__ import main
-from gateway.logs import flush
 
 # At import, not under __main__: `serve --workers N` spawns worker processes, and each
 # imports this module again (as `__mp_main__`) before it runs the gateway.
 proxy.METERED_PATHS = frozenset()
 
 if __name__ == "__main__":
-    try:
-        status = main()
-    finally:
-        flush()
-    sys.exit(status)
+    # The gateway's own entry point; sys.modules["__main__"] stays this module, so that
+    # spawned workers import it (and the line above) first.
+    runpy.run_module("gateway", run_name="__main__")
