@@ -263,9 +263,9 @@ async def relay(
             chunk = await upstream.read_chunk()
         while chunk:
             if feed_meter is not None:
-                # Before the write: a client woken by it could ask for more while the meter
-                # reads, and the next write (often just the end of the body) would have to
-                # wake it again, which costs this machine more than the reading.
+                # Before the write, so that nothing runs between it and the next one (often
+                # just the end of the body): a client that wakes for one write and sleeps
+                # again before the next costs this machine a second wake-up.
                 feed_meter(chunk)
             await sink.write(chunk)
             chunk = await upstream.read_chunk()
