@@ -109,6 +109,14 @@ async def eventually(
         await asyncio.sleep(POLL_SECONDS)
 
 
+async def all_written(ledger: UsageLedger, org_id: str, flusher: asyncio.Task[None]) -> None:
+    """Wait until nothing the ledger charged `org_id` is unwritten: the balance drops only
+    once each write is known to have committed, after the row is visible."""
+    await eventually(
+        lambda: asyncio.sleep(0, result=ledger.unwritten_microdollars(org_id)), 0, flusher=flusher
+    )
+
+
 def pending_gauge() -> float:
     metrics.fold()  # as /metrics does before every scrape
     value = REGISTRY.get_sample_value("gateway_usage_pending")
@@ -324,9 +332,7 @@ async def test_run_survives_an_outage_and_writes_everything(
     task = await run_in_background(ledger, live)
     try:
         # Unwritten drops only once the batch's transaction is known to have committed.
-        await eventually(
-            lambda: asyncio.sleep(0, result=ledger.unwritten_microdollars(org)), 0, flusher=task
-        )
+        await all_written(ledger, org, task)
         assert len(ledger) == 0
         assert await credits_used(db, org) == 5 * COST
     finally:
@@ -411,10 +417,7 @@ async def test_a_refused_row_is_set_aside_and_the_rest_of_its_batch_charged(
         ledger.record(charge(org, request_id=request_id))
     task = await run_in_background(ledger, pool)
     try:
-        # Unwritten drops once each row's write is known to have committed.
-        await eventually(
-            lambda: asyncio.sleep(0, result=ledger.unwritten_microdollars(org)), 0, flusher=task
-        )
+        await all_written(ledger, org, task)
         assert len(ledger) == 0
         assert await usage_rows(db, org) == 2
         assert await credits_used(db, org) == 2 * COST
@@ -439,9 +442,7 @@ async def test_an_outage_while_setting_aside_loses_and_rejects_nothing_else(
         ledger.record(charge(org, request_id=request_id))
     task = await run_in_background(ledger, pool)
     try:
-        await eventually(
-            lambda: asyncio.sleep(0, result=ledger.unwritten_microdollars(org)), 0, flusher=task
-        )
+        await all_written(ledger, org, task)
         assert len(ledger) == 0
         assert await usage_rows(db, org) == 3
         assert await credits_used(db, org) == 3 * COST
@@ -604,9 +605,7 @@ async def test_charges_spilled_while_the_database_answers_are_written_without_a_
         await eventually(lambda: usage_rows(db, org), 7, flusher=task)
         assert await credits_used(db, org) == 7 * COST
         await eventually(lambda: asyncio.sleep(0, result=spool_files(ledger)), [], flusher=task)
-        await eventually(
-            lambda: asyncio.sleep(0, result=ledger.unwritten_microdollars(org)), 0, flusher=task
-        )
+        await all_written(ledger, org, task)
     finally:
         await stop(task)
         ledger.spool.rotate()
