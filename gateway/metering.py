@@ -178,28 +178,34 @@ def openrouter_usage(body: bytes) -> Usage | None:
     Metering runs for every completion, so this is a handful of C calls: two anchored
     patterns, a search and a translation, each over a few hundred bytes at most.
     """
-    head = _OPENROUTER_HEAD.match(body)
-    if head is None:
-        return None
     at = body.rfind(_USAGE_KEY)
-    known = _OPENROUTER_USAGE.match(body, at) if at > head.end() else None
+    model = _openrouter_model(body, at)
+    known = _OPENROUTER_USAGE.match(body, at) if model is not None else None
     if known is None:
         return None
     tail = body[known.end() :].rstrip(_WHITESPACE)
     if (
         _USAGE_TAIL_SKELETON.match(tail.translate(None, _NOT_SKELETON)) is None
         or _KEY_READ.search(tail) is not None
-        or body.find(_MODEL_KEY, head.end(), at) != -1
     ):
         return None
     prompt, completion, cost = known.groups()
     return Usage(
-        head.group(1).decode("ascii"),
+        model,
         int(prompt),
         int(completion),
         # As a decoder reads a JSON number: an int unless it has a fraction or exponent.
         usd_to_microdollars(int(cost) if cost.isdigit() else float(cost)),
     )
+
+
+def _openrouter_model(body: bytes, before: int) -> str | None:
+    """The model named at the head of a body in OpenRouter's shape, when no other "model"
+    key comes before `before` (a decoder keeps the last); else None."""
+    head = _OPENROUTER_HEAD.match(body)
+    if head is None or head.end() >= before or body.find(_MODEL_KEY, head.end(), before) != -1:
+        return None
+    return head.group(1).decode("ascii")  # printable ASCII without escapes: as it reads
 
 
 def usage_at_the_end(body: bytes) -> Usage | None:
@@ -350,10 +356,8 @@ class SseUsageReader:
         if end == -1:
             self._partial = data if len(data) <= MAX_LINE_BYTES else b""
             return
-        rest = data[end + 1 :] if end + 1 < len(data) else b""
+        rest = data[end + 1 :]
         self._partial = rest if len(rest) <= MAX_LINE_BYTES else b""
-        if self._seen_data and not (b'"usage"' in data or b'"error"' in data or b"[DONE]" in data):
-            return  # content, as most of a stream is: three scans in C
         complete = data[:end]
         after = self._first_data_line(complete) if not self._seen_data else 0
         for start, end in _lines_worth_reading(complete, after):
@@ -379,19 +383,17 @@ class SseUsageReader:
             self._saw_done = True
             return
         if b'"error"' not in payload:
-            usage = openrouter_usage(payload)
-            if usage is not None:
-                self._model, self._last_usage = usage.model, usage
-                return
-            # A content chunk in OpenRouter's shape names the model at its start.
-            head = _OPENROUTER_HEAD.match(payload)
-            if (
-                head is not None
-                and b'"usage"' not in payload
-                and payload.find(_MODEL_KEY, head.end()) == -1
-            ):
-                self._model = head.group(1).decode("ascii")
-                return
+            if b'"usage"' in payload:
+                usage = openrouter_usage(payload)
+                if usage is not None:
+                    self._model, self._last_usage = usage.model, usage
+                    return
+            else:
+                # A content chunk in OpenRouter's shape names the model at its start.
+                model = _openrouter_model(payload, len(payload))
+                if model is not None:
+                    self._model = model
+                    return
         self._decoded(payload)
 
     def _decoded(self, payload: bytes) -> None:

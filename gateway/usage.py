@@ -300,7 +300,8 @@ class UsageLedger:
         A batch whose outcome is unknown (error, cancellation) goes back to the front of
         the queue and is written again later: the ledger's key makes that harmless.
         """
-        batch = self._pop(self._batch_size)
+        # Sorted once here: the statement and the balances both go by organization.
+        batch = sorted(self._pop(self._batch_size), key=_LOCK_ORDER)
         if not batch:
             return 0
         started = time.perf_counter()

@@ -406,6 +406,17 @@ def rejected_ids(ledger: UsageLedger) -> list[str]:
     )
 
 
+async def assert_only_req_b_set_aside(
+    ledger: UsageLedger, db: asyncpg.Connection, org: str, task: asyncio.Task[None], charged: int
+) -> None:
+    """Once the flusher is done: `charged` charges written once each, req_b set aside."""
+    await all_written(ledger, org, task)
+    assert len(ledger) == 0
+    assert await usage_rows(db, org) == charged
+    assert await credits_used(db, org) == charged * COST
+    assert rejected_ids(ledger) == ["req_b"]
+
+
 async def test_a_refused_row_is_set_aside_and_the_rest_of_its_batch_charged(
     pool: asyncpg.Pool, db: asyncpg.Connection, seed: Seed, make_ledger: Callable[..., UsageLedger]
 ) -> None:
@@ -417,11 +428,7 @@ async def test_a_refused_row_is_set_aside_and_the_rest_of_its_batch_charged(
         ledger.record(charge(org, request_id=request_id))
     task = await run_in_background(ledger, pool)
     try:
-        await all_written(ledger, org, task)
-        assert len(ledger) == 0
-        assert await usage_rows(db, org) == 2
-        assert await credits_used(db, org) == 2 * COST
-        assert rejected_ids(ledger) == ["req_b"]
+        await assert_only_req_b_set_aside(ledger, db, org, task, charged=2)
         # The flusher goes on with later charges.
         ledger.record(charge(org, request_id="req_d"))
         await eventually(lambda: usage_rows(db, org), 3, flusher=task)
@@ -442,11 +449,7 @@ async def test_an_outage_while_setting_aside_loses_and_rejects_nothing_else(
         ledger.record(charge(org, request_id=request_id))
     task = await run_in_background(ledger, pool)
     try:
-        await all_written(ledger, org, task)
-        assert len(ledger) == 0
-        assert await usage_rows(db, org) == 3
-        assert await credits_used(db, org) == 3 * COST
-        assert rejected_ids(ledger) == ["req_b"]
+        await assert_only_req_b_set_aside(ledger, db, org, task, charged=3)
     finally:
         await stop(task)
 
