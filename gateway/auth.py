@@ -18,6 +18,13 @@ from gateway.queries import ApiKey
 
 ORGANIZATION_HEADER = "X-KiloCode-OrganizationId"
 BILLING_MANAGER = "billing_manager"
+# Said to a user of several organizations whose key is bound to none: in words of the
+# clients they use, which set the header for them.
+CHOOSE_ORGANIZATION = (
+    "In the Kilo CLI set KILO_ORG_ID to the organization's id; in the Kilo Code extension"
+    " pick it in the organization picker; other clients send its id in the"
+    f" {ORGANIZATION_HEADER} header."
+)
 # Longer than any token we issue; bounds the work a hostile header can cause.
 MAX_TOKEN_LENGTH = 512
 # The canonical 8-4-4-4-12 form only; uuid.UUID() also takes braces, URNs and stray dashes.
@@ -102,10 +109,14 @@ async def resolve_organization(
     organizations = await cache.user_orgs.get(key.user_id) or ()
     if len(organizations) == 1:
         return organizations[0]
-    raise BadRequest(
-        f"Say which organization this request is for with the {ORGANIZATION_HEADER} header.",
-        reason="organization_required",
-    )
+    if organizations:
+        message = f"You belong to several organizations: choose one. {CHOOSE_ORGANIZATION}"
+    else:
+        message = (
+            "Your account belongs to no organization yet: create one, or accept an"
+            " invitation to one."
+        )
+    raise BadRequest(message, reason="organization_required")
 
 
 async def authorize(headers: CIMultiDictProxy[str], key: ApiKey, cache: FactsCache) -> Caller:

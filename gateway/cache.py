@@ -29,6 +29,9 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 MISSING: Any = object()
+# What the organizations trigger says of an update that moved only credits_used_microdollars
+# (the ledger charging a batch); see sql/007_notify_credit_usage.sql.
+CREDITS_USED = "credits_used"
 DEFAULT_MAXSIZE = 100_000
 
 
@@ -36,6 +39,9 @@ DEFAULT_MAXSIZE = 100_000
 class _Entry(Generic[V]):
     value: V
     loaded_at: float  # time.monotonic() when read from the database
+    # A notification said the row changed: the value is never used again to judge a
+    # request, only as the last known one while the database is down.
+    changed: bool = False
 
 
 class Lookup(Generic[K, V]):
@@ -79,7 +85,7 @@ class Lookup(Generic[K, V]):
     def cached(self, key: K) -> V | None:
         """The cached value, None when cached as absent, or `MISSING` (the caller loads)."""
         entry = self._found.get(key)
-        if entry is not None:
+        if entry is not None and not entry.changed:
             confirmed = entry.loaded_at >= self._confirmed_after
             if confirmed and time.monotonic() - entry.loaded_at < self._ttl:
                 return entry.value
@@ -98,7 +104,8 @@ class Lookup(Generic[K, V]):
         entry = self._found.get(key)
         if entry is not None:
             return (
-                entry.loaded_at >= self._confirmed_after
+                not entry.changed
+                and entry.loaded_at >= self._confirmed_after
                 and time.monotonic() - entry.loaded_at < self._ttl
             )
         return key in self._absent
@@ -163,13 +170,22 @@ class Lookup(Generic[K, V]):
         self._inflight.pop(key, None)
 
     def invalidate(self, key: K) -> None:
-        """`key` may have changed: read it again before trusting it, but keep the old value
-        for an outage (billing facts, unlike keys and memberships, may be served stale)."""
+        """`key` is out of date in a way that may be served while it is read again (with
+        `revalidate_in_background`): the balance after a charge batch."""
         self._inflight.pop(key, None)
         self._absent.pop(key, None)
         entry = self._found.get(key)
         if entry is not None:
             entry.loaded_at = float("-inf")
+
+    def mark_changed(self, key: K) -> None:
+        """`key` changed: the next caller reads it again and waits for the answer; the old
+        value is kept only for an outage (stale-if-error), never to judge a request."""
+        self._inflight.pop(key, None)
+        self._absent.pop(key, None)
+        entry = self._found.get(key)
+        if entry is not None:
+            entry.changed = True
 
     def evict_where(self, predicate: Callable[[K, V], bool]) -> None:
         """Forget every found entry for which `predicate(key, value)` holds."""
@@ -248,8 +264,14 @@ class FactsCache:
             self.facts.evict(org)
             self.roles.evict((org, user))
             self.user_orgs.evict(user)
-        elif table in ("organizations", "organization_seats_purchases") and org:
+        elif table == "organizations" and org and change.get("change") == CREDITS_USED:
+            # The ledger's own charge batch: only the balance moved, and a request judged
+            # on a balance a batch old is one the ledger already accounts for.
             self.facts.invalidate(org)
+        elif table in ("organizations", "organization_seats_purchases") and org:
+            # A purchase, a trial end, require_seats, plan, credits bought: the very next
+            # request must be judged on the new row.
+            self.facts.mark_changed(org)
         else:
             self.clear()
 

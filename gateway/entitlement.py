@@ -87,13 +87,14 @@ def payment_required(
     assert verdict.reason is not None
     balance = balance_usd(balance_microdollars)
     seats_purchased = facts.purchase.seat_count if facts.purchase is not None else 0
+    link = billing_url(app_url, facts.organization_id)
     return PaymentRequired(
-        refusal_message(facts, verdict, balance),
+        refusal_message(facts, verdict, balance, link),
         reason=verdict.reason.value,
         fields={
             "title": _TITLES[verdict.reason],
             "balance": balance,
-            "buyCreditsUrl": billing_url(app_url, facts.organization_id),
+            "buyCreditsUrl": link,
         },
         metadata={
             "organization_id": facts.organization_id,
@@ -104,8 +105,12 @@ def payment_required(
     )
 
 
-def refusal_message(facts: OrgFacts, verdict: Verdict, balance: float) -> str:
-    """Say plainly what happened and what to do about it."""
+def refusal_message(facts: OrgFacts, verdict: Verdict, balance: float, link: str) -> str:
+    """Say plainly what happened and what to do about it, ending with the billing link.
+
+    The link comes last and bare (no full stop after it): the Kilo CLI prints only this
+    message, and a terminal makes a URL clickable only when nothing sticks to it.
+    """
     locked = (
         f" Your ${balance:,.2f} of purchased credits stay locked until then."
         if balance >= 0.005
@@ -114,24 +119,27 @@ def refusal_message(facts: OrgFacts, verdict: Verdict, balance: float) -> str:
     if verdict.reason is Reason.TRIAL_EXPIRED:
         ended = iso_utc(verdict.trial_ends_at)[:10]
         return (
-            f"Your organization's free trial ended on {ended}. An owner can subscribe to an"
-            f" annual plan on the billing page to keep using Kilo Code.{locked}"
+            f"Your organization's free trial ended on {ended}. An owner or billing manager"
+            f" can subscribe to an annual plan to keep using Kilo Code.{locked}"
+            f" Subscribe at {link}"
         )
     if verdict.reason is Reason.INSUFFICIENT_CREDITS:
         return (
-            f"Your organization's credit balance is ${balance:,.2f}. An owner can buy credits"
-            " on the billing page; models whose id ends in :free stay available meanwhile."
+            f"Your organization's credit balance is ${balance:,.2f}; models whose id ends in"
+            " :free stay available meanwhile. An owner or billing manager can buy credits."
+            f" Buy credits at {link}"
         )
     if verdict.reason is Reason.SUBSCRIPTION_INACTIVE:
         return (
-            "Your organization's subscription has ended or is not active yet. An owner can"
-            f" renew it on the billing page to keep using Kilo Code.{locked}"
+            "Your organization's subscription has ended or is not active yet. An owner or"
+            f" billing manager can renew it to keep using Kilo Code.{locked}"
+            f" Subscribe at {link}"
         )
     purchased = facts.purchase.seat_count if facts.purchase is not None else 0
     return (
         f"Your organization has {_count(facts.seats_used, 'member')} but pays for"
-        f" {_count(purchased, 'seat')}. An owner can buy more seats on the billing page,"
-        f" or remove members.{locked}"
+        f" {_count(purchased, 'seat')}. An owner or billing manager can buy more seats,"
+        f" or an owner can remove members.{locked} Buy seats at {link}"
     )
 
 

@@ -43,6 +43,9 @@ class ChangeListener:
         self._check_interval_seconds = check_interval_seconds
         self._max_backoff_seconds = max_backoff_seconds
         self.connected = asyncio.Event()
+        # Notifications applied so far: once it moves past a count read before a change,
+        # every request from then on is judged on the changed row (tests wait on it).
+        self.received = 0
 
     async def run(self) -> None:
         """Listen forever; cancel the task to stop."""
@@ -92,3 +95,4 @@ class ChangeListener:
         except ValueError:
             change = {}
         self._on_change(change if isinstance(change, dict) else {})
+        self.received += 1

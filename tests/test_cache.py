@@ -221,6 +221,59 @@ async def test_values_notifications_may_have_missed_are_read_again_first() -> No
     assert facts.cached("k") == "v1"
 
 
+async def test_a_changed_value_is_read_again_before_it_is_used() -> None:
+    """After `mark_changed`, even billing facts (served while refreshing otherwise) are
+    read again and the caller waits for the new value: no request sees the old one."""
+    loader = CountingLoader({"k": "v1"})
+    facts: Lookup[str, str] = Lookup(
+        loader, ttl_seconds=60, stale_seconds=60, revalidate_in_background=True
+    )
+    assert await facts.get("k") == "v1"
+    loader.values["k"] = "v2"
+
+    facts.mark_changed("k")
+
+    assert facts.cached("k") is MISSING
+    assert not facts.is_fresh("k")
+    assert await facts.get("k") == "v2"
+    assert facts.cached("k") == "v2"
+
+
+async def test_a_changed_value_still_serves_when_the_database_is_down() -> None:
+    """A changed value is kept for stale-if-error: an outage right after a change serves
+    the last known facts instead of failing every request."""
+    loader = CountingLoader({"k": "v1"})
+    facts: Lookup[str, str] = Lookup(
+        loader, ttl_seconds=60, stale_seconds=60, stale_on=(ConnectionError,)
+    )
+    assert await facts.get("k") == "v1"
+    facts.mark_changed("k")
+    loader.error = ConnectionError("down")
+
+    assert await facts.get("k") == "v1"
+
+
+async def test_mark_changed_during_a_load_does_not_keep_the_old_read() -> None:
+    """A load that started before the change may have read the old row: its waiters get
+    it, but the next caller reads again."""
+    loader = CountingLoader({"k": "v1"})
+    facts: Lookup[str, str] = Lookup(loader, ttl_seconds=60, revalidate_in_background=True)
+    assert await facts.get("k") == "v1"
+    facts.mark_changed("k")
+    gate = loader.hold()
+    loader.started.clear()
+    first = asyncio.ensure_future(facts.get("k"))
+    await started_load(loader)
+
+    facts.mark_changed("k")
+    gate.set()
+    assert await first == "v1"
+    loader.values["k"] = "v2"
+
+    assert await facts.get("k") == "v2"
+    assert loader.calls == ["k", "k", "k"]
+
+
 async def test_negative_ttl_defaults_to_the_ttl() -> None:
     """Without a negative TTL, absent entries live as long as found ones."""
     loader = CountingLoader()
@@ -393,6 +446,11 @@ CHANGES: list[tuple[str, dict[str, Any], set[tuple[str, Hashable]]]] = [
         {("facts", ORG)},
     ),
     (
+        "credits_used",
+        {"table": "organizations", "organization_id": ORG, "change": "credits_used"},
+        {("facts", ORG)},
+    ),
+    (
         "membership",
         {"table": "organization_memberships", "organization_id": ORG, "user_id": USER},
         {("facts", ORG), ("roles", (ORG, USER)), ("user_orgs", USER)},
@@ -449,6 +507,36 @@ async def test_unknown_or_malformed_change_clears_everything(change: dict[str, A
     cache.apply_change(change)
 
     assert cached_entries(cache) == set()
+
+
+CHANGES_JUDGED_AT_ONCE = [
+    {"table": "organizations", "organization_id": ORG},
+    {"table": "organization_seats_purchases", "organization_id": ORG},
+    {"table": "organization_memberships", "organization_id": ORG, "user_id": USER},
+]
+
+
+@pytest.mark.parametrize("change", CHANGES_JUDGED_AT_ONCE, ids=lambda c: c["table"])
+async def test_a_change_that_can_turn_a_verdict_is_never_served_stale(
+    change: dict[str, Any],
+) -> None:
+    """After a purchase, an organization or a membership change, the facts are not
+    served while they are read again: the next caller gets the new row."""
+    cache = await populated_cache()
+
+    cache.apply_change(change)
+
+    assert cache.facts.cached(ORG) is MISSING
+
+
+async def test_the_ledgers_own_charges_are_served_while_refreshing() -> None:
+    """An update that moved only credits_used (a charge batch) keeps serving the cached
+    facts while one reload runs: no request waits on a charge batch."""
+    cache = await populated_cache()
+
+    cache.apply_change({"table": "organizations", "organization_id": ORG, "change": "credits_used"})
+
+    assert cache.facts.cached(ORG) == facts_for(ORG)
 
 
 async def test_clear_forgets_every_lookup() -> None:

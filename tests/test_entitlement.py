@@ -248,19 +248,54 @@ class TestMessages:
         message = refusal(facts()).message
         assert "2027-02-14" in message
         assert "free trial" in message
-        assert "billing page" in message
+        assert message.endswith(f" Subscribe at {APP_URL}/organizations/{ORG_ID}/billing")
 
     def test_subscription_inactive_message(self):
         """The subscription_inactive message says the subscription is not active."""
         message = refusal(facts(purchase=purchase(status="ended"))).message
         assert "subscription" in message
-        assert "billing page" in message
+        assert message.endswith(f" Subscribe at {APP_URL}/organizations/{ORG_ID}/billing")
 
     def test_seats_exceeded_message_counts_seats(self):
         """The seats_exceeded message says how many members and how many seats are paid for."""
         message = refusal(facts(seats_used=9, purchase=purchase(seat_count=5))).message
         assert "9 members" in message
         assert "5 seats" in message
+        assert message.endswith(f" Buy seats at {APP_URL}/organizations/{ORG_ID}/billing")
+
+    @pytest.mark.parametrize(("org", "reason", "seats_purchased"), BLOCKED)
+    def test_every_message_ends_with_the_billing_link(
+        self, org: OrgFacts, reason: Reason, seats_purchased: int
+    ):
+        """A client that prints only the message (the Kilo CLI) still shows where to pay:
+        the link is its last word, bare, with no full stop a terminal would take as part
+        of the URL."""
+        org = facts(
+            seats_used=org.seats_used,
+            purchase=org.purchase,
+            credits_acquired_microdollars=25_000_000,
+        )
+        message = refusal(org).message
+        assert message.split()[-1] == billing_url(APP_URL, ORG_ID)
+        assert "billing page" not in message
+
+    def test_out_of_credits_message_ends_with_the_billing_link(self):
+        """Out of credits on a paid model: the message says :free models still answer and
+        ends with where to buy credits."""
+        with pytest.raises(PaymentRequired) as caught:
+            check(
+                facts(purchase=purchase()),
+                AFTER,
+                trial_days=TRIAL_DAYS,
+                mode=EnforcementMode.ENFORCE,
+                app_url=APP_URL,
+                requested_model=lambda: "openai/gpt-4o",
+            )
+        assert caught.value.reason == Reason.INSUFFICIENT_CREDITS.value
+        assert ":free" in caught.value.message
+        assert caught.value.message.endswith(
+            f" Buy credits at {APP_URL}/organizations/{ORG_ID}/billing"
+        )
 
     @pytest.mark.parametrize(("org", "reason", "seats_purchased"), BLOCKED)
     def test_message_mentions_locked_credits(

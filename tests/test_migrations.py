@@ -286,6 +286,39 @@ async def test_organization_changes_name_the_organization(
     await assert_nothing_else(db, notifications)
 
 
+async def test_only_a_charge_is_marked_as_credits_used(
+    db: asyncpg.Connection, seed: Seed, notifications: Notifications
+) -> None:
+    """An update that moved nothing but credits_used_microdollars (the ledger's charge
+    batch) says so; credits bought, a trial end, or a charge together with another change
+    carry no mark, so the gateway judges the next request on the new row."""
+    org = await seed.org(credits_acquired_microdollars=0)
+    await notifications.next()
+    await db.execute(
+        "UPDATE organizations SET credits_used_microdollars = credits_used_microdollars + 5"
+        " WHERE id = $1::uuid",
+        org,
+    )
+    await seed.credits(org, 1_000_000)
+    await db.execute(
+        "UPDATE organizations SET free_trial_end_at = now() WHERE id = $1::uuid", org
+    )
+    await db.execute(
+        "UPDATE organizations SET credits_used_microdollars = 7, require_seats = false"
+        " WHERE id = $1::uuid",
+        org,
+    )
+
+    plain = {"table": "organizations", "organization_id": org}
+    assert await notifications.collect(4) == [
+        {**plain, "change": "credits_used"},
+        plain,
+        plain,
+        plain,
+    ]
+    await assert_nothing_else(db, notifications)
+
+
 async def test_purchase_changes_name_the_organization(
     db: asyncpg.Connection, seed: Seed, notifications: Notifications
 ) -> None:

@@ -21,6 +21,8 @@ import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.fake_upstream import RunningUpstream
+from gateway.appkeys import LISTENER
 from gateway.auth import ORGANIZATION_HEADER, hash_token
 from gateway.listener import APPLICATION_NAME
 from tests.conftest import RunningGateway
@@ -445,3 +447,97 @@ async def chat_request_logged(log_stream: io.StringIO) -> bool:
         if entry.get("event") == "request" and entry.get("route", "").endswith("/chat/completions"):
             return True
     return False
+
+
+# --- the very next request ------------------------------------------------------------------
+
+
+async def notified(gateways: list[RunningGateway], change: Awaitable[Any]) -> None:
+    """Make `change`, then wait until every gateway's listener has applied a notification
+    sent after it (and nothing more: the request that follows is not delayed)."""
+    before = [g.app[LISTENER].received for g in gateways]
+    await change
+    deadline = time.monotonic() + NOTIFY_DEADLINE_SECONDS
+    while any(g.app[LISTENER].received <= n for g, n in zip(gateways, before, strict=True)):
+        assert time.monotonic() < deadline, "a gateway never received the notification"
+        await asyncio.sleep(0)  # yield to the listeners; no fixed sleep
+
+
+async def test_every_change_that_turns_a_verdict_judges_the_very_next_request(
+    gateway_factory: Callable[..., Awaitable[RunningGateway]],
+    client: aiohttp.ClientSession,
+    db: asyncpg.Connection,
+    seed: Seed,
+    upstream: RunningUpstream,
+) -> None:
+    """In every process, the first request after a notification has arrived is judged on
+    the changed row, never on the facts cached before it: a purchase admits it, a trial
+    ended by an update refuses it, and so on, change after change."""
+    # Free completions: no charge batch, so the only notifications are the test's own.
+    upstream.settings.cost_usd = 0.0
+    gateways = [await gateway_factory(**CACHE_FOR_AN_HOUR) for _ in range(2)]
+    for gateway in gateways:
+        probe = Scenario(gateway, client, db)
+        await eventually(probe.listening, True, within_seconds=STARTUP_DEADLINE_SECONDS)
+    org, token = await expired_org_with_member(seed)
+    newcomer = await seed.user()
+
+    def org_update(assignment: str) -> Awaitable[Any]:
+        return db.execute(f"UPDATE organizations SET {assignment} WHERE id = $1::uuid", org)
+
+    def purchases_update(assignment: str) -> Awaitable[Any]:
+        return db.execute(
+            f"UPDATE organization_seats_purchases SET {assignment}"
+            " WHERE organization_id = $1::uuid",
+            org,
+        )
+
+    steps: list[tuple[str, Callable[[], Awaitable[Any]], Outcome]] = [
+        ("a purchase", lambda: seed.purchase(org, seat_count=1), OK),
+        (
+            "its end",
+            lambda: purchases_update("subscription_status = 'ended'"),
+            Outcome(402, "subscription_inactive"),
+        ),
+        ("exempt from seats", lambda: org_update("require_seats = false"), OK),
+        (
+            "no longer exempt",
+            lambda: org_update("require_seats = true"),
+            Outcome(402, "subscription_inactive"),
+        ),
+        (
+            "a trial extended",
+            lambda: org_update("free_trial_end_at = now() + interval '9 days'"),
+            OK,
+        ),
+        (
+            "the trial ended by an update",
+            lambda: org_update("free_trial_end_at = now()"),
+            Outcome(402, "subscription_inactive"),
+        ),
+        ("a purchase again", lambda: seed.purchase(org, seat_count=1), OK),
+        (
+            "a second member on one seat",
+            lambda: seed.member(org, newcomer),
+            Outcome(402, "seats_exceeded"),
+        ),
+        (
+            "the member removed",
+            lambda: db.execute("DELETE FROM organization_memberships WHERE user_id = $1", newcomer),
+            OK,
+        ),
+        ("another plan", lambda: org_update("plan = 'enterprise'"), OK),
+        (
+            "the purchase expired",
+            lambda: purchases_update("expires_at = now()"),
+            Outcome(402, "subscription_inactive"),
+        ),
+    ]
+    for gateway in gateways:
+        assert await chat(client, gateway, token, org) == Outcome(402, "trial_expired")
+    for name, change, expected in steps:
+        await notified(gateways, change())
+        for gateway in gateways:
+            assert await chat(client, gateway, token, org) == expected, name
+            # The answer is cached now: the next change must beat a warm cache.
+            assert await chat(client, gateway, token, org) == expected, name

@@ -247,12 +247,16 @@ async def test_revoked_key_is_401(
 async def test_user_in_two_orgs_without_header_is_400(
     gateway: RunningGateway, upstream: RunningUpstream, client: aiohttp.ClientSession, seed: Seed
 ) -> None:
-    """A user in two orgs, with an unbound key and no header, is 400 organization_required."""
+    """A user in two orgs, with an unbound key and no header, is 400 organization_required,
+    told how to choose in the clients they use (they cannot set a header themselves)."""
     member = await org_member(seed)
     await seed.member(await seed.org(), member.user_id)
-    await assert_refused(
+    error = await assert_refused(
         client, gateway, upstream, 400, "organization_required", token=member.token
     )
+    assert "several organizations" in error["message"]
+    assert "KILO_ORG_ID" in error["message"]
+    assert "organization picker" in error["message"]
 
 
 async def test_user_in_no_org_is_400(
@@ -260,7 +264,10 @@ async def test_user_in_no_org_is_400(
 ) -> None:
     """A user who belongs to no organization is 400 organization_required."""
     token = await seed.key(await seed.user())
-    await assert_refused(client, gateway, upstream, 400, "organization_required", token=token)
+    error = await assert_refused(
+        client, gateway, upstream, 400, "organization_required", token=token
+    )
+    assert "no organization" in error["message"]
 
 
 async def test_malformed_organization_header_is_400(
