@@ -300,9 +300,7 @@ async def test_only_a_charge_is_marked_as_credits_used(
         org,
     )
     await seed.credits(org, 1_000_000)
-    await db.execute(
-        "UPDATE organizations SET free_trial_end_at = now() WHERE id = $1::uuid", org
-    )
+    await db.execute("UPDATE organizations SET free_trial_end_at = now() WHERE id = $1::uuid", org)
     await db.execute(
         "UPDATE organizations SET credits_used_microdollars = 7, require_seats = false"
         " WHERE id = $1::uuid",

@@ -279,7 +279,9 @@ def test_blocking_message_is_the_proxys_refusal() -> None:
     """Once blocked, the status page says exactly what the 402 says."""
     org = facts(credits_acquired_microdollars=12_500_000)
     verdict = decide(org, END + DAY, TRIAL_DAYS)
-    assert cta(org, END + DAY)["message"] == refusal_message(org, verdict, 12.5, f"{APP_URL}/organizations/{ORG}/billing")
+    assert cta(org, END + DAY)["message"] == refusal_message(
+        org, verdict, 12.5, f"{APP_URL}/organizations/{ORG}/billing"
+    )
 
 
 def test_no_call_to_action_text_when_subscribed() -> None:
