@@ -17,10 +17,12 @@ from aiohttp import web
 from gateway import (
     billing,
     invitations,
+    listings,
     logs,
     mailer,
     metrics,
     organizations,
+    profile,
     queries,
     reminders,
     webhooks,
@@ -71,7 +73,8 @@ def create_app(config: Config) -> web.Application:
     )
     setup_routes(app)
     # The billing side: each module registers its own routes and background tasks.
-    for module in (organizations, invitations, billing, webhooks, mailer, reminders):
+    billing_side = (listings, profile, organizations, invitations, billing, webhooks, mailer)
+    for module in (*billing_side, reminders):
         module.setup(app)
     return app
 

@@ -78,6 +78,9 @@ class Config:
     email_from: str = "Kilo Code <hello@kilocode.ai>"
     smtp_url: str | None = dataclasses.field(default=None, repr=False)
     invitation_ttl_days: int = 7
+    default_model: str = "anthropic/claude-sonnet-4.5"
+    default_free_model: str = "meta-llama/llama-3.3-70b-instruct:free"
+    models_cache_ttl_seconds: float = 300.0
     trial_reminder_interval_seconds: float = 3600.0
     email_poll_interval_seconds: float = 1.0
     enterprise_organization_ids: tuple[str, ...] = ()
@@ -160,6 +163,9 @@ def from_env(
         email_from=reader.required_str("EMAIL_FROM"),
         smtp_url=reader.optional_str("SMTP_URL"),
         invitation_ttl_days=reader.int("INVITATION_TTL_DAYS", low=1, high=365),
+        default_model=reader.required_str("DEFAULT_MODEL"),
+        default_free_model=reader.required_str("DEFAULT_FREE_MODEL"),
+        models_cache_ttl_seconds=reader.float("MODELS_CACHE_TTL_SECONDS", low=0.001),
         trial_reminder_interval_seconds=reader.float("TRIAL_REMINDER_INTERVAL_SECONDS", low=0.01),
         email_poll_interval_seconds=reader.float("EMAIL_POLL_INTERVAL_SECONDS", low=0.01),
         enterprise_organization_ids=tuple(

@@ -37,6 +37,7 @@ from gateway.forwarding import (
     upstream_path,
     upstream_target,
 )
+from gateway.listings import LISTINGS, MODELS_PATH, listing_headers
 from gateway.metering import METERED_PATHS, Meter
 from gateway.middleware import CLIENT_CLOSED_REQUEST
 from gateway.upstream import UpstreamBroke, UpstreamResponse
@@ -112,6 +113,9 @@ async def proxy(
     key = await authenticate(request.headers, app[CACHE])
     ctx.user_id = key.user_id
     body = await request.read_body()
+    if request.method == "GET" and tail == MODELS_PATH:
+        await send_model_list(app, request, ctx, sink)
+        return
     meter = Meter(body) if request.method == "POST" and tail in METERED_PATHS else None
     admission = await admit(
         method=request.method,
@@ -137,6 +141,18 @@ async def proxy(
         charge(CLIENT_CLOSED_REQUEST, cancelled=True)
         raise
     await relay(sink, upstream, ctx, admission.would_block, charge)
+
+
+async def send_model_list(
+    app: web.Application, request: ProxyRequest, ctx: RequestContext, sink: Sink
+) -> None:
+    """OpenRouter's model list from the cache it shares with the per-organization route."""
+    listing = await app[LISTINGS].get(request.query_string)
+    ctx.upstream_status = listing.status
+    headers = listing_headers(listing, ctx.request_id)
+    await sink.start(listing.status, listing.reason, headers, len(listing.body))
+    await sink.write(listing.body)
+    await sink.end()
 
 
 class _Charger:
