@@ -79,13 +79,18 @@ def kilo() -> Path:
     return install_cli()
 
 
+def project_dir(home: Path) -> Path:
+    """An empty project folder inside `home`, where the CLI runs."""
+    project = home / "project"
+    project.mkdir(parents=True, exist_ok=True)
+    return project
+
+
 async def run_kilo(
     kilo: Path, home: Path, gateway: RunningGateway, *args: str, **env: str
 ) -> tuple[int, str]:
     """Run the CLI against the gateway; its exit code and everything it printed."""
-    home.mkdir(parents=True, exist_ok=True)
-    project = home / "project"
-    project.mkdir(exist_ok=True)
+    project = project_dir(home)
     environment = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(home),
