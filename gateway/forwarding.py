@@ -15,6 +15,14 @@ PREFIX = "/api/openrouter/"
 # Upstream paths named in metrics; every other path is counted as "other".
 KNOWN_PATHS = frozenset({"chat/completions", "completions", "models", "generation", "embeddings"})
 
+# Which methods each proxied path takes. Completions and embeddings are POSTed; every
+# other proxied path (models, providers, generation, parameters) is a listing, read with
+# GET or HEAD. OPTIONS is answered by the gateway itself. Nothing else is forwarded: a
+# TRACE echoed by some hop would hand the gateway's own upstream key to the caller.
+POSTED_PATHS = frozenset({"chat/completions", "completions", "embeddings"})
+POST_ONLY = frozenset({"POST"})
+READ_ONLY = frozenset({"GET", "HEAD"})
+
 # Headers that describe one hop, or carry the caller's credentials, never go upstream.
 _HOP_BY_HOP = frozenset(
     {
@@ -81,6 +89,16 @@ def is_proxied(tail: str, allowed: tuple[str, ...]) -> bool:
         elif tail == pattern:
             return True
     return False
+
+
+def allowed_methods(tail: str) -> frozenset[str]:
+    """The methods the gateway forwards for a proxied upstream path."""
+    return POST_ONLY if tail in POSTED_PATHS else READ_ONLY
+
+
+def allow_header(methods: frozenset[str]) -> str:
+    """The `Allow` value for a path: its methods and the OPTIONS the gateway answers."""
+    return ", ".join(sorted(methods | {"OPTIONS"}))
 
 
 def _invalid_path() -> BadRequest:

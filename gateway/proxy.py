@@ -28,8 +28,11 @@ from gateway.admission import READ_METHODS, admit
 from gateway.appkeys import CACHE, CONFIG, CONTEXT, LEDGER, UPSTREAM
 from gateway.auth import Caller, authenticate
 from gateway.context import RequestContext
-from gateway.errors import GatewayError, NotFound, UpstreamPaymentRequired
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound, UpstreamPaymentRequired
 from gateway.forwarding import (
+    REQUEST_ID_HEADER,
+    allow_header,
+    allowed_methods,
     forward_headers,
     is_proxied,
     metric_route,
@@ -110,6 +113,16 @@ async def proxy(
             "This OpenRouter endpoint is not available through Kilo Code.",
             reason="endpoint_not_proxied",
         )
+    methods = allowed_methods(tail)
+    if request.method == "OPTIONS":
+        await send_options(sink, methods, ctx)
+        return
+    if request.method not in methods:
+        raise MethodNotAllowed(
+            f"{request.method} is not accepted here; this endpoint takes"
+            f" {' or '.join(sorted(methods))}.",
+            headers={"Allow": allow_header(methods)},
+        )
     key = await authenticate(request.headers, app[CACHE])
     ctx.user_id = key.user_id
     body = await request.read_body()
@@ -141,6 +154,15 @@ async def proxy(
         charge(CLIENT_CLOSED_REQUEST, cancelled=True)
         raise
     await relay(sink, upstream, ctx, admission.would_block, charge)
+
+
+async def send_options(sink: Sink, methods: frozenset[str], ctx: RequestContext) -> None:
+    """OPTIONS, answered here: which methods the path takes. Never forwarded."""
+    headers: CIMultiDict[str] = CIMultiDict(
+        {"Allow": allow_header(methods), REQUEST_ID_HEADER: ctx.request_id}
+    )
+    await sink.start(204, "No Content", headers, None)
+    await sink.end()
 
 
 async def send_model_list(

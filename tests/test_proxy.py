@@ -830,3 +830,102 @@ async def test_off_mode_skips_entitlement_only(
         token=member.token,
         headers={"X-KiloCode-OrganizationId": other},
     )
+
+
+# --- the method allow-list --------------------------------------------------------------------
+
+UNFORWARDED_METHODS = [
+    "TRACE",
+    "PROPFIND",
+    "PURGE",
+    "MKCOL",
+    "LOCK",
+    "SEARCH",
+    "REPORT",
+    "LINK",
+    "QUERY",
+    "PUT",
+    "PATCH",
+    "DELETE",
+]
+
+
+@pytest.mark.parametrize("method", UNFORWARDED_METHODS)
+@pytest.mark.parametrize(
+    ("path", "allow"),
+    [
+        ("/api/openrouter/chat/completions", "OPTIONS, POST"),
+        ("/api/openrouter/embeddings", "OPTIONS, POST"),
+        ("/api/openrouter/models", "GET, HEAD, OPTIONS"),
+        ("/api/openrouter/generation", "GET, HEAD, OPTIONS"),
+    ],
+)
+async def test_methods_a_path_does_not_take_are_405_and_never_forwarded(
+    gateway: RunningGateway,
+    upstream: RunningUpstream,
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    method: str,
+    path: str,
+    allow: str,
+) -> None:
+    """TRACE and friends would reach the upstream with the gateway's own key (a hop that
+    echoes TRACE hands it to the caller): each is 405 with `Allow`, and nothing is sent."""
+    member = await org_member(seed)
+    error = await assert_refused(
+        client,
+        gateway,
+        upstream,
+        405,
+        "method_not_allowed",
+        path=path,
+        method=method,
+        token=member.token,
+    )
+    assert method in error["message"]
+    reply = await call(client, gateway, path, method=method, token=member.token)
+    assert reply.headers["Allow"] == allow
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/openrouter/chat/completions", "/api/openrouter/completions"]
+)
+async def test_reads_never_reach_a_metered_path(
+    gateway: RunningGateway,
+    upstream: RunningUpstream,
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    path: str,
+) -> None:
+    """GET and HEAD skip the entitlement rule and metering, so they may not reach
+    completions at all: 405, even for a blocked organization's member."""
+    member = await org_member(seed, age=timedelta(days=40))
+    for method in ("GET", "HEAD"):
+        received = upstream.recorder.received
+        reply = await call(client, gateway, path, method=method, token=member.token)
+        assert reply.status == 405
+        assert reply.headers["Allow"] == "OPTIONS, POST"
+        assert upstream.recorder.received == received
+
+
+@pytest.mark.parametrize(
+    ("path", "allow"),
+    [
+        ("/api/openrouter/chat/completions", "OPTIONS, POST"),
+        ("/api/openrouter/models", "GET, HEAD, OPTIONS"),
+    ],
+)
+async def test_options_is_answered_by_the_gateway(
+    gateway: RunningGateway,
+    upstream: RunningUpstream,
+    client: aiohttp.ClientSession,
+    path: str,
+    allow: str,
+) -> None:
+    """OPTIONS needs no key and goes nowhere: 204 with the path's methods."""
+    received = upstream.recorder.received
+    reply = await call(client, gateway, path, method="OPTIONS", body=None)
+    assert reply.status == 204
+    assert reply.headers["Allow"] == allow
+    assert reply.headers["X-Request-Id"]
+    assert upstream.recorder.received == received
