@@ -727,3 +727,65 @@ async def test_against_aiohttp_web_server_streams_and_keeps_alive(aiohttp_server
         expected = f"127.0.0.1:{server.port} {method} ".encode() + body
         assert await read_body(response) == expected + b"data: 1\n\ndata: 2\n\n"
     assert len(peers) == 1
+
+
+class BlackHole:
+    """A loopback address and port whose SYNs are dropped: a listener that never accepts,
+    with its accept queue full, as an IPv6 address without a route behaves."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.2", port))
+        self.listener.listen(0)
+        self.address = self.listener.getsockname()
+        self.queued = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(self.address)
+            self.queued.append(filler)
+
+    def close(self) -> None:
+        for sock in [*self.queued, self.listener]:
+            sock.close()
+
+
+class TwoAddressClient(UpstreamClient):
+    """An upstream whose name resolves to a black-holed address first, then a live one
+    (the order getaddrinfo gives IPv6 before IPv4)."""
+
+    def __init__(self, dead: tuple[str, int], live: tuple[str, int]) -> None:
+        super().__init__(
+            f"http://upstream.test:{live[1]}",
+            connect_timeout_seconds=3.0,
+            head_timeout_seconds=2.0,
+            idle_timeout_seconds=2.0,
+        )
+        self.infos = [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", dead),
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", live),
+        ]
+
+    async def _resolve(self):  # type: ignore[override]
+        return self.infos
+
+
+async def test_a_black_holed_address_does_not_cost_the_request(
+    serve: Callable[..., Awaitable[FakeServer]],
+) -> None:
+    """Happy Eyeballs: while the first address hangs, the next is tried a quarter second
+    later and the request is answered; it used to wait out the whole connect budget on
+    the first address and answer 502."""
+    server = await serve(reply(ok(b"alive")))
+    # The same port as the live server: the name has one port and two addresses.
+    hole = BlackHole(server.port)
+    client = TwoAddressClient(hole.address, ("127.0.0.1", server.port))
+    try:
+        started = time.monotonic()
+        response = await client.request("GET", "/", [("Host", "upstream.test")], b"")
+        assert await read_body(response) == b"alive"
+        assert time.monotonic() - started < 2.0
+    finally:
+        await client.close()
+        hole.close()
