@@ -72,9 +72,10 @@ def create_app(config: Config) -> web.Application:
         [flusher, database_pool, upstream_session, usage_ledger, change_listener]
     )
     setup_routes(app)
-    # The billing side: each module registers its own routes and background tasks.
-    billing_side = (listings, profile, organizations, invitations, billing, webhooks, mailer)
-    for module in (*billing_side, reminders):
+    # What the Kilo clients ask besides the proxy, and the billing side: each module
+    # registers its own routes, resources and background tasks.
+    clients = (listings, profile)
+    for module in (*clients, organizations, invitations, billing, webhooks, mailer, reminders):
         module.setup(app)
     return app
 

@@ -15,9 +15,9 @@ key at all (the CLI asks before sign-in, for the free model).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from gateway.admission import organization_facts
@@ -38,33 +38,35 @@ ORDER BY o.name, o.id
 """
 
 
-async def fetch_profile(conn: Queryable, user_id: str) -> dict[str, Any] | None:
-    """The user and their organizations with roles, or None when the user is gone."""
-    user = await conn.fetchrow(_USER_SQL, user_id)
-    if user is None:
+async def fetch_user(conn: Queryable, user_id: str) -> dict[str, Any] | None:
+    """The user as the Kilo clients read one, or None when the user is gone."""
+    row = await conn.fetchrow(_USER_SQL, user_id)
+    if row is None:
         return None
-    organizations = await conn.fetch(_ORGANIZATIONS_SQL, user_id)
-    return {
-        "user": user_object(user),
-        "organizations": [dict(row) for row in organizations],
-    }
-
-
-def user_object(row: asyncpg.Record) -> dict[str, Any]:
-    """A user as the Kilo clients read one."""
     return {"id": row["id"], "email": row["email"], "name": row["name"], "image": row["image_url"]}
 
 
-async def caller_profile(request: web.Request) -> dict[str, Any]:
-    """The authenticated caller's profile; 401 when the key's user no longer exists."""
+async def fetch_profile(conn: Queryable, user_id: str) -> dict[str, Any] | None:
+    """The user and their organizations with roles, or None when the user is gone."""
+    user = await fetch_user(conn, user_id)
+    if user is None:
+        return None
+    organizations = await conn.fetch(_ORGANIZATIONS_SQL, user_id)
+    return {"user": user, "organizations": [dict(row) for row in organizations]}
+
+
+async def callers(
+    request: web.Request, query: Callable[[Queryable, str], Awaitable[dict[str, Any] | None]]
+) -> dict[str, Any]:
+    """`query` for the authenticated caller; 401 when the key's user no longer exists."""
     key = await caller_key(request)
     config = request.app[CONFIG]
-    profile = await run_query(
-        request.app[POOL], config.database_query_timeout_seconds, fetch_profile, key.user_id
+    found = await run_query(
+        request.app[POOL], config.database_query_timeout_seconds, query, key.user_id
     )
-    if profile is None:
+    if found is None:
         raise InvalidApiKey("Invalid or revoked API key.")
-    return profile
+    return found
 
 
 async def caller_key(request: web.Request) -> ApiKey:
@@ -76,12 +78,12 @@ async def caller_key(request: web.Request) -> ApiKey:
 
 async def profile_handler(request: web.Request) -> web.Response:
     """`GET /api/profile`."""
-    return web.json_response(await caller_profile(request))
+    return web.json_response(await callers(request, fetch_profile))
 
 
 async def user_handler(request: web.Request) -> web.Response:
-    """`GET /api/user`."""
-    return web.json_response((await caller_profile(request))["user"])
+    """`GET /api/user` (every CLI start): the user alone, one query."""
+    return web.json_response(await callers(request, fetch_user))
 
 
 async def balance_handler(request: web.Request) -> web.Response:

@@ -164,13 +164,13 @@ def call_to_action(
 ) -> dict[str, Any]:
     """The upgrade prompt for the status page: level, title, message and billing link."""
     level = call_to_action_level(facts, verdict, now)
-    title, message = _texts(level, facts, verdict, now, catalog, app_url)
     url = billing_url(app_url, facts.organization_id)
+    title, message = _texts(level, facts, verdict, now, catalog, url)
     return {"level": level.value, "title": title, "message": message, "url": url}
 
 
 def _texts(
-    level: Level, facts: OrgFacts, verdict: Verdict, now: float, catalog: Catalog, app_url: str
+    level: Level, facts: OrgFacts, verdict: Verdict, now: float, catalog: Catalog, link: str
 ) -> tuple[str | None, str | None]:
     ends = human_time(verdict.trial_ends_at)
     days = days_remaining(verdict.trial_ends_at, now)
@@ -178,7 +178,6 @@ def _texts(
     if level is Level.BLOCKING:
         assert verdict.reason is not None
         balance = balance_usd(facts.balance_microdollars)
-        link = billing_url(app_url, facts.organization_id)
         return _BLOCKING_TITLES[verdict.reason], refusal_message(facts, verdict, balance, link)
     if level is Level.URGENT:
         title = "Your free trial ends today" if days == 0 else f"Only {_days(days)} left"
