@@ -59,6 +59,7 @@ class Config:
     max_body_bytes: int
     proxy_allowed_paths: tuple[str, ...]
     header_timeout_seconds: float
+    body_timeout_seconds: float
     database_pool_min_size: int
     database_pool_max_size: int
     database_query_timeout_seconds: float
@@ -142,6 +143,7 @@ def from_env(
             p.strip() for p in reader.required_str("PROXY_ALLOWED_PATHS").split(",") if p.strip()
         ),
         header_timeout_seconds=reader.float("HEADER_TIMEOUT_SECONDS", low=0.01),
+        body_timeout_seconds=reader.float("BODY_TIMEOUT_SECONDS", low=0.01),
         database_pool_min_size=reader.int("DATABASE_POOL_MIN_SIZE", low=0, high=1000),
         database_pool_max_size=reader.int("DATABASE_POOL_MAX_SIZE", low=1, high=1000),
         database_query_timeout_seconds=reader.float("DATABASE_QUERY_TIMEOUT_SECONDS", low=0.01),

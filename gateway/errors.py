@@ -10,8 +10,10 @@
     ├── Conflict (409)                seats_exhausted, last_owner, already_a_member
     ├── Gone (410)                    invitation_expired
     ├── PaymentRequired (402)         trial_expired, subscription_inactive, seats_exceeded
+    ├── RequestTimeout (408)          request_timeout
     ├── PayloadTooLarge (413)         payload_too_large
     ├── UpstreamUnreachable (502)     upstream_unreachable
+    ├── UpstreamProtocolError (502)   upstream_protocol_error
     ├── BillingProviderError (502)    billing_provider_error
     ├── UpstreamPaymentRequired (503) upstream_payment_required
     ├── DatabaseUnavailable (503)     database_unavailable
@@ -125,6 +127,13 @@ class Gone(GatewayError):
     default_reason = "gone"
 
 
+class RequestTimeout(GatewayError):
+    """The request's headers or body did not arrive in time."""
+
+    status = 408
+    default_reason = "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     default_reason = "payload_too_large"
@@ -138,6 +147,13 @@ class InternalError(GatewayError):
 class UpstreamUnreachable(GatewayError):
     status = 502
     default_reason = "upstream_unreachable"
+
+
+class UpstreamProtocolError(GatewayError):
+    """The upstream's response broke HTTP/1.1: it was dropped, never relayed."""
+
+    status = 502
+    default_reason = "upstream_protocol_error"
 
 
 class BillingProviderError(GatewayError):
