@@ -8,8 +8,9 @@ and applies the rule in the configured enforcement mode.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from multidict import CIMultiDictProxy
 
@@ -18,7 +19,7 @@ from gateway.auth import Caller, authorize
 from gateway.cache import MISSING, FactsCache
 from gateway.config import Config, EnforcementMode
 from gateway.context import RequestContext
-from gateway.entitlement import check
+from gateway.entitlement import check, needs_model
 from gateway.errors import Forbidden, PaymentRequired
 from gateway.queries import ApiKey
 from gateway.rule import OrgFacts
@@ -44,9 +45,14 @@ async def admit(
     config: Config,
     ctx: RequestContext,
     unwritten_microdollars: Callable[[str], int],
-    requested_model: Callable[[], str | None] | None,
+    requested_model: Callable[[], Awaitable[str | None]] | None,
 ) -> Admission:
-    """Let the request through, or raise the 400/403/402 that refuses it."""
+    """Let the request through, or raise the 400/403/402 that refuses it.
+
+    `requested_model` (metered requests) reads the body for the model it names; it is
+    awaited only when the rule lets the organization through and its credits are used
+    up, so that every other verdict is given before the body is read.
+    """
     if method in READ_METHODS:
         return Admission(None)
     caller = await authorize(headers, key, cache)
@@ -54,16 +60,25 @@ async def admit(
     if config.enforcement_mode is EnforcementMode.OFF:
         return Admission(caller)
     facts = await organization_facts(cache, caller.organization_id)
+    unwritten = unwritten_microdollars(caller.organization_id)
+    judge = functools.partial(
+        check,
+        facts,
+        time.time(),
+        trial_days=config.trial_days,
+        mode=config.enforcement_mode,
+        app_url=config.app_url,
+        unwritten_microdollars=unwritten,
+    )
     try:
-        outcome = check(
-            facts,
-            time.time(),
-            trial_days=config.trial_days,
-            mode=config.enforcement_mode,
-            app_url=config.app_url,
-            unwritten_microdollars=unwritten_microdollars(caller.organization_id),
-            requested_model=requested_model,
-        )
+        outcome = judge()
+        if (
+            requested_model is not None
+            and outcome.would_block is None
+            and needs_model(facts, unwritten)
+        ):
+            model = await requested_model()
+            outcome = judge(requested_model=lambda: model)
     except PaymentRequired as exc:
         ctx.verdict = "blocked"
         metrics.BLOCKED.labels(exc.reason, EnforcementMode.ENFORCE.value).inc()

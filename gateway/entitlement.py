@@ -70,7 +70,11 @@ def check(
     """
     verdict = decide(facts, now, trial_days)
     balance = facts.balance_microdollars - unwritten_microdollars
-    if verdict.allowed and requested_model is not None and balance <= 0:
+    if (
+        verdict.allowed
+        and requested_model is not None
+        and needs_model(facts, unwritten_microdollars)
+    ):
         verdict = decide_credits(verdict, balance, is_free_model(requested_model()))
     if verdict.allowed:
         return Outcome(verdict, None)
@@ -78,6 +82,11 @@ def check(
     if mode is EnforcementMode.ENFORCE:
         raise payment_required(facts, verdict, app_url, balance)
     return Outcome(verdict, verdict.reason)
+
+
+def needs_model(facts: OrgFacts, unwritten_microdollars: int) -> bool:
+    """True when the credit check must know the model: the balance is used up."""
+    return facts.balance_microdollars - unwritten_microdollars <= 0
 
 
 def payment_required(

@@ -43,6 +43,8 @@ class GatewayError(Exception):
 
     status: int = 500
     default_reason: ClassVar[str] = "internal_error"
+    # The connection closes after the answer: what remains of the request is unreadable.
+    close_connection: bool = False
 
     def __init__(
         self,
@@ -53,10 +55,13 @@ class GatewayError(Exception):
         fields: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
         status: int | None = None,
+        close_connection: bool | None = None,
     ) -> None:
         super().__init__(message)
         if status is not None:
             self.status = status
+        if close_connection is not None:
+            self.close_connection = close_connection
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = metadata or {}
@@ -132,6 +137,7 @@ class RequestTimeout(GatewayError):
 
     status = 408
     default_reason = "request_timeout"
+    close_connection = True
 
 
 class PayloadTooLarge(GatewayError):

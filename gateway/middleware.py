@@ -16,7 +16,6 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import metrics
 from gateway.appkeys import CONTEXT, IN_FLIGHT
@@ -106,25 +105,42 @@ async def _handle(
     request: web.Request, handler: Handler, ctx: RequestContext
 ) -> web.StreamResponse:
     try:
-        response = await handler(request)
+        return _with_request_id(await handler(request), ctx)
     except GatewayError as exc:
-        response = error_response(refusal(exc, ctx))
+        error = exc
     except web.HTTPException as exc:
-        response = error_response(refusal(_from_aiohttp(exc), ctx))
-    except RequestPayloadError:
-        # The body could not be read (bad Content-Encoding, broken chunking): client error.
-        response = error_response(
-            refusal(
-                BadRequest("The request body could not be read.", reason="malformed_request"), ctx
-            )
+        error = _from_aiohttp(exc)
+    except web.RequestPayloadError:
+        # The body could not be read (bad Content-Encoding, broken chunking): client
+        # error, and the rest of the body cannot be read either.
+        error = BadRequest(
+            "The request body could not be read.",
+            reason="malformed_request",
+            close_connection=True,
         )
-        # The rest of the body cannot be read either: do not keep the connection.
-        response.force_close()
     except Exception:
-        response = error_response(unexpected_error(ctx))
+        error = unexpected_error(ctx)
+    response = error_response(refusal(error, ctx))
+    if error.close_connection or refused_before_body(request):
+        # aiohttp still reads and drops what is left for a moment (its lingering time),
+        # so that a client still sending reads the answer, then closes.
+        response.force_close()
+    return _with_request_id(response, ctx)
+
+
+def _with_request_id(response: web.StreamResponse, ctx: RequestContext) -> web.StreamResponse:
     if not response.prepared:
         response.headers[REQUEST_ID_HEADER] = ctx.request_id
     return response
+
+
+def refused_before_body(request: web.Request) -> bool:
+    """True when the request's body has not all arrived (it was never read)."""
+    content = request.content
+    if content.is_eof():
+        return False
+    length = request.content_length
+    return length is None or content.total_bytes < length
 
 
 def refusal(exc: GatewayError, ctx: RequestContext) -> GatewayError:

@@ -25,10 +25,17 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import metrics
 from gateway.admission import READ_METHODS, admit
+from gateway.aiohttp_internals import defer_headers_to_first_write
 from gateway.appkeys import CACHE, CONFIG, CONTEXT, LEDGER, UPSTREAM
 from gateway.auth import Caller, authenticate
 from gateway.context import RequestContext
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound, UpstreamPaymentRequired
+from gateway.errors import (
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    RequestTimeout,
+    UpstreamPaymentRequired,
+)
 from gateway.forwarding import (
     REQUEST_ID_HEADER,
     allow_header,
@@ -85,6 +92,15 @@ class ProxyRequest:
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
     """aiohttp's entry to the proxy route (connections the route's own server handed over)."""
     sink = _AiohttpSink(request)
+    body_timeout = request.app[CONFIG].body_timeout_seconds
+
+    async def read_body() -> bytes:
+        try:
+            async with asyncio.timeout(body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise RequestTimeout("The request body did not arrive in time.") from None
+
     await proxy(
         request.app,
         request[CONTEXT],
@@ -93,7 +109,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             request.rel_url.raw_path,
             request.rel_url.raw_query_string,
             request.headers,
-            request.read,
+            read_body,
         ),
         sink,
     )
@@ -104,7 +120,13 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 async def proxy(
     app: web.Application, ctx: RequestContext, request: ProxyRequest, sink: Sink
 ) -> None:
-    """Authenticate, admit, forward, and relay the response as it arrives."""
+    """Authenticate, admit, forward, and relay the response as it arrives.
+
+    Everything that can refuse the request from its head alone (the path, the method,
+    the key, the organization, the rule) runs before the body is read: a refused upload
+    costs no memory and no wait. Only the credit check, which needs the model the body
+    names, reads it first, and only when the balance is used up.
+    """
     config = app[CONFIG]
     tail = upstream_path(request.raw_path)
     ctx.route = metric_route(tail)
@@ -125,11 +147,11 @@ async def proxy(
         )
     key = await authenticate(request.headers, app[CACHE])
     ctx.user_id = key.user_id
-    body = await request.read_body()
     if request.method == "GET" and tail == MODELS_PATH:
         await send_model_list(app, request, ctx, sink)
         return
-    meter = Meter(body) if request.method == "POST" and tail in METERED_PATHS else None
+    body = _Body(request.read_body)
+    metered = request.method == "POST" and tail in METERED_PATHS
     admission = await admit(
         method=request.method,
         headers=request.headers,
@@ -138,15 +160,16 @@ async def proxy(
         config=config,
         ctx=ctx,
         unwritten_microdollars=app[LEDGER].unwritten_microdollars,
-        requested_model=meter.model if meter is not None else None,
+        requested_model=body.model if metered else None,
     )
-    if meter is None or admission.caller is None:
-        upstream = await send_upstream(app, request, ctx, tail, body)
+    content = await body.read()
+    if not metered or admission.caller is None:
+        upstream = await send_upstream(app, request, ctx, tail, content)
         await relay(sink, upstream, ctx, admission.would_block)
         return
-    charge = _Charger(app[LEDGER], ctx, admission.caller, meter)
+    charge = _Charger(app[LEDGER], ctx, admission.caller, await body.meter())
     try:
-        upstream = await send_upstream(app, request, ctx, tail, body)
+        upstream = await send_upstream(app, request, ctx, tail, content)
     except GatewayError as exc:
         charge(exc.status, cancelled=False)
         raise
@@ -154,6 +177,31 @@ async def proxy(
         charge(CLIENT_CLOSED_REQUEST, cancelled=True)
         raise
     await relay(sink, upstream, ctx, admission.would_block, charge)
+
+
+class _Body:
+    """The request body, read once, when first wanted."""
+
+    __slots__ = ("_content", "_meter", "_read")
+
+    def __init__(self, read: Callable[[], Awaitable[bytes]]) -> None:
+        self._read = read
+        self._content: bytes | None = None
+        self._meter: Meter | None = None
+
+    async def read(self) -> bytes:
+        if self._content is None:
+            self._content = await self._read()
+        return self._content
+
+    async def meter(self) -> Meter:
+        if self._meter is None:
+            self._meter = Meter(await self.read())
+        return self._meter
+
+    async def model(self) -> str | None:
+        """The model the body asks for (the credit check's question)."""
+        return (await self.meter()).model()
 
 
 async def send_options(sink: Sink, methods: frozenset[str], ctx: RequestContext) -> None:
@@ -239,7 +287,8 @@ class _RelayedResponse(web.StreamResponse):
     aiohttp's own `web.Response` buffers its headers the same way.
     """
 
-    _send_headers_immediately = False
+
+defer_headers_to_first_write(_RelayedResponse)
 
 
 class _AiohttpSink:

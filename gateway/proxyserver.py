@@ -6,13 +6,21 @@ authenticating, admitting, metering and logging together. The extension's traffi
 one shape: keep-alive HTTP/1.1, a body with a Content-Length, to /api/openrouter/.
 This module serves that shape, and only that shape, itself.
 
-Any other request is handed to aiohttp's own connection handler with the connection's
-bytes untouched, and the connection stays with aiohttp from then on: another route,
-HTTP/1.0, HEAD, chunked or compressed bodies, Expect, Upgrade, a head not yet complete
-in the first read, a path aiohttp might normalize, a byte that is not plain ASCII. So
-aiohttp keeps every refusal of malformed or unusual input (in the gateway's envelope),
-its header timeout and its size limits; the short path only ever sees well-formed
-requests. Both paths run the same `proxy()` and end with the same log line and metrics.
+Heads are parsed by llhttp (through `httptools`), the parser aiohttp itself is built on,
+and the fields it reads are then held to a narrow whitelist. Any other request is handed
+to aiohttp's own connection handler with the connection's bytes untouched, and the
+connection stays with aiohttp from then on: another route, HTTP/1.0, HEAD, chunked or
+compressed bodies, Expect, Upgrade, a missing or repeated Host, more than 128 headers, a
+head not yet complete in the first read, a path aiohttp might normalize, a byte that is
+not plain ASCII, anything llhttp refuses. So aiohttp keeps every refusal of malformed or
+unusual input (in the gateway's envelope), its header timeout and its size limits; the
+short path only ever sees well-formed requests.
+
+A request is served as soon as its head is here: the caller is checked before the body
+is read, and a refusal goes out at once. A body the gateway never read is discarded for
+a moment after the answer (so that the client, still sending, reads the answer rather
+than a reset) and the connection then closes. Both paths run the same `proxy()` and end
+with the same log line and metrics.
 """
 
 from __future__ import annotations
@@ -24,39 +32,41 @@ import re
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+import httptools
 from aiohttp import web
-from aiohttp.tcp_helpers import tcp_keepalive, tcp_nodelay
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.aiohttp_internals import tcp_keepalive, tcp_nodelay
 from gateway.appkeys import CONFIG, IN_FLIGHT
 from gateway.context import RequestContext
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, RequestTimeout
 from gateway.forwarding import PREFIX, REQUEST_ID_HEADER
 from gateway.middleware import CLIENT_CLOSED_REQUEST, RequestRecord, refusal, unexpected_error
 from gateway.proxy import ProxyRequest, proxy
 from gateway.upstream import NO_BODY_STATUSES
 
-if TYPE_CHECKING:
-    from aiohttp.web_protocol import RequestHandler
-
 ROUTE = PREFIX + "{path}"
 # A longer head goes to aiohttp, whose limits then apply (8190 bytes a line).
 MAX_HEAD_BYTES = 8190
+# aiohttp refuses more header lines than this.
+MAX_HEADERS = 128
 # More digits than any body the gateway accepts (and int() refuses past 4,300).
 MAX_LENGTH_DIGITS = 15
-# Pipelined bytes held while a request is served; past this, reading pauses.
+# Bytes held beyond the body the request is reading (pipelined requests, or a body not
+# asked for yet); past this, reading pauses.
 MAX_BUFFERED_BYTES = 256 * 1024
-_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# How long a body the gateway will not read is taken and dropped after the answer.
+LINGER_SECONDS = 2.0
+_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 # Headers whose handling stays aiohttp's: body framing and decoding, interim responses,
 # protocol switches.
 _HAND_OVER_HEADERS = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade"})
-_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # No percent-encoding, dot or empty segments: paths aiohttp might read differently.
 _PLAIN_PATH = re.compile(r"/api/openrouter/[A-Za-z0-9\-_~!$&'()*+,;=:@/.]*")
 _PLAIN_QUERY = re.compile(r"[!-\"$-~]*")  # visible ASCII but "#"
-_FIELD_VALUE = re.compile(r"[\t -~]*")  # no control characters, ASCII only
+_FIELD_VALUE = re.compile(rb"[\t -~]*")  # no control characters, ASCII only
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,18 +81,47 @@ class RequestHead:
     close: bool
 
 
+class _HeadFields:
+    """llhttp's callbacks for one head: the target and the header lines, as they come."""
+
+    __slots__ = ("complete", "fields", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
 def parse_head(head: bytes | bytearray, max_body_bytes: int) -> RequestHead | None:
-    """The request head (without its blank line) if it is one served here, else None."""
+    """The request head (up to and with its blank line) if it is one served here, else None."""
     if len(head) > MAX_HEAD_BYTES:
         return None
+    fields = _HeadFields()
+    parser = httptools.HttpRequestParser(fields)
     try:
-        lines = head.decode("ascii").split("\r\n")
+        parser.feed_data(head)
+    except httptools.HttpParserUpgrade:
+        return None  # CONNECT, Upgrade: aiohttp's
+    except httptools.HttpParserError:
+        return None  # aiohttp's parser, llhttp too, refuses it in the envelope
+    if not fields.complete or parser.get_http_version() != "1.1":
+        return None
+    method = parser.get_method()
+    if method not in _METHODS or len(fields.fields) > MAX_HEADERS:
+        return None
+    try:
+        target = fields.url.decode("ascii")
     except UnicodeDecodeError:
         return None
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0] not in _METHODS:
-        return None
-    method, target = parts[0], parts[1]
     path, _, query = target.partition("?")
     if (
         not _PLAIN_PATH.fullmatch(path)
@@ -91,25 +130,42 @@ def parse_head(head: bytes | bytearray, max_body_bytes: int) -> RequestHead | No
         or not _PLAIN_QUERY.fullmatch(query)
     ):
         return None
+    return _whitelisted(method.decode(), path, query, fields.fields, max_body_bytes)
+
+
+def _whitelisted(
+    method: str,
+    path: str,
+    query: str,
+    fields: list[tuple[bytes, bytes]],
+    max_body_bytes: int,
+) -> RequestHead | None:
+    """The head, if its header lines are all ones served here."""
     headers: CIMultiDict[str] = CIMultiDict()
     content_length: int | None = None
+    hosts = 0
     close = False
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not _FIELD_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
-            return None  # also a folded line, which starts with whitespace
-        value = value.strip(" \t")
+    for raw_name, raw_value in fields:
+        if not _FIELD_VALUE.fullmatch(raw_value):
+            return None
+        # llhttp holds names to the token grammar: ASCII.
+        name, value = raw_name.decode("ascii"), raw_value.decode("ascii").strip(" \t")
         lowered = name.lower()
         if lowered in _HAND_OVER_HEADERS:
             return None
-        if lowered == "content-length":
+        if lowered == "host":
+            hosts += 1
+        elif lowered == "content-length":
             if content_length is not None or not value.isdigit() or len(value) > MAX_LENGTH_DIGITS:
                 return None
             content_length = int(value)
         elif lowered == "connection":
-            tokens = {token.strip().lower() for token in value.split(",")}
-            close = close or "close" in tokens
+            # Not llhttp's should_keep_alive(): it forgets once a message without a
+            # body is complete, as here.
+            close = close or "close" in {token.strip().lower() for token in value.split(",")}
         headers.add(name, value)
+    if hosts != 1:
+        return None  # aiohttp answers 400 for a missing or a repeated Host
     if content_length is None:
         content_length = 0
     if content_length > max_body_bytes:
@@ -144,7 +200,7 @@ class _ConnectionSink:
 
     def __init__(self, connection: ProxyConnection, close: bool) -> None:
         self._connection = connection
-        self._close = close
+        self.closes = close  # the connection ends with this response
         self._head = b""
         self._chunked = False
         self.status = 0
@@ -165,7 +221,7 @@ class _ConnectionSink:
         else:
             headers["Transfer-Encoding"] = "chunked"
             self._chunked = True
-        if self._close:
+        if self.closes:
             headers["Connection"] = "close"
         self._head = _encode_head(status, reason, headers)
         self.started = True
@@ -195,20 +251,25 @@ class ProxyConnection(asyncio.Protocol):
     def __init__(self, server: ConnectionOwner) -> None:
         self._server = server
         self._app = server.app
-        self._max_body_bytes = server.app[CONFIG].max_body_bytes
+        config = server.app[CONFIG]
+        self._max_body_bytes = config.max_body_bytes
+        self._body_timeout_seconds = config.body_timeout_seconds
         self._keepalive_seconds = server.keepalive_seconds
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        # Bytes read and not yet served; a bytearray only while a body arrives in pieces.
+        # Bytes read and not yet taken: a head, the body of the request being served,
+        # pipelined requests. A bytearray only while they arrive in pieces.
         self._buffer: bytes | bytearray = b""
-        self._head: RequestHead | None = None  # read, waiting for the rest of its body
-        self._body_at = 0
+        self._body_length = 0  # of the request being served, until it is taken
+        self._body_taken = True
+        self._body_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since: float | None = None  # None while a request is read or served
         self._drain_waiter: asyncio.Future[None] | None = None
         self._writing_paused = False
         self._reading_paused = False
+        self._discarding = False  # after refusing a request whose body never came whole
         self._closed = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------
@@ -221,6 +282,8 @@ class ProxyConnection(asyncio.Protocol):
         self._became_idle()
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         if not self._buffer:
             self._buffer = data  # most requests arrive whole, in one read: no copy
         else:
@@ -229,9 +292,13 @@ class ProxyConnection(asyncio.Protocol):
             self._buffer += data
         if self._task is None:
             self._next_request()
-        elif len(self._buffer) > MAX_BUFFERED_BYTES and not self._reading_paused:
-            self._reading_paused = True
-            self._transport.pause_reading()  # type: ignore[union-attr]
+        elif self._body_waiter is not None:
+            if len(self._buffer) >= self._body_length and not self._body_waiter.done():
+                self._body_waiter.set_result(None)
+        elif len(self._buffer) > MAX_BUFFERED_BYTES:
+            # A body nobody asked for yet (the caller is being checked), or pipelined
+            # requests: hold no more than this until it is wanted.
+            self._pause_reading()
 
     def eof_received(self) -> bool:
         # As aiohttp: a client that stops sending has gone; the transport closes, and the
@@ -256,6 +323,16 @@ class ProxyConnection(asyncio.Protocol):
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
     # --- writing --------------------------------------------------------------------------
 
     async def send(self, data: bytes) -> None:
@@ -274,29 +351,24 @@ class ProxyConnection(asyncio.Protocol):
     # --- requests -------------------------------------------------------------------------
 
     def _next_request(self) -> None:
-        """Serve the next buffered request if it is whole, or hand the connection over."""
+        """Serve the next buffered request once its head is whole, or hand the connection over."""
         self._idle_since = None
-        if self._head is None:
-            end = self._buffer.find(b"\r\n\r\n")
-            if end == -1:
-                if self._buffer:
-                    # Part of a head: aiohttp waits for the rest, under its header timeout.
-                    self._hand_over()
-                else:
-                    self._became_idle()
-                return
-            self._head = parse_head(self._buffer[:end], self._max_body_bytes)
-            if self._head is None:
+        end = self._buffer.find(b"\r\n\r\n")
+        if end == -1:
+            if self._buffer:
+                # Part of a head: aiohttp waits for the rest, under its header timeout.
                 self._hand_over()
-                return
-            self._body_at = end + 4
-        body_end = self._body_at + self._head.content_length
-        if len(self._buffer) < body_end:
-            self._became_idle()  # the rest of the body is on its way, or the client stalls
+            else:
+                self._became_idle()
             return
-        head, body = self._head, bytes(self._buffer[self._body_at : body_end])
-        self._buffer, self._head = bytes(self._buffer[body_end:]), None
-        self._task = self._loop.create_task(self._serve(head, body))
+        body_at = end + 4
+        head = parse_head(self._buffer[:body_at], self._max_body_bytes)
+        if head is None:
+            self._hand_over()
+            return
+        self._buffer = self._buffer[body_at:]
+        self._body_length, self._body_taken = head.content_length, False
+        self._task = self._loop.create_task(self._serve(head))
 
     def _hand_over(self) -> None:
         """From here on aiohttp serves this connection, starting with the buffered bytes."""
@@ -315,32 +387,58 @@ class ProxyConnection(asyncio.Protocol):
             transport.pause_reading()
         self._loop.call_soon(_deliver, transport, handler, bytes(buffered))
 
-    async def _serve(self, head: RequestHead, body: bytes) -> None:
+    async def _read_body(self) -> bytes:
+        """The request's body, once it has all arrived (408 past the body deadline)."""
+        if len(self._buffer) < self._body_length:
+            waiter = self._body_waiter = self._loop.create_future()
+            self._resume_reading()
+            try:
+                async with asyncio.timeout(self._body_timeout_seconds):
+                    await waiter
+            except TimeoutError:
+                raise RequestTimeout("The request body did not arrive in time.") from None
+            finally:
+                self._body_waiter = None
+        length = self._body_length
+        body = bytes(self._buffer[:length])
+        self._buffer = self._buffer[length:]
+        self._body_length, self._body_taken = 0, True
+        return body
+
+    def _skip_unread_body(self) -> bool:
+        """Drop the body of a request answered without it; False if it is not all here."""
+        if self._body_taken:
+            return True
+        if len(self._buffer) < self._body_length:
+            return False
+        self._buffer = self._buffer[self._body_length :]
+        self._body_length, self._body_taken = 0, True
+        return True
+
+    async def _serve(self, head: RequestHead) -> None:
         """Serve one request as the middleware and the route would, then the next one."""
         sink = _ConnectionSink(self, head.close)
         try:
             with RequestRecord(self._app[IN_FLIGHT], ROUTE, head.method) as record:
-                record.status = await self._respond(head, body, record.ctx, sink)
+                record.status = await self._respond(head, record.ctx, sink)
         finally:
             self._task = None
-        if head.close or not sink.ended or self._closed:
+        if not sink.ended or self._closed:
             self.close()
             return
-        if self._reading_paused:
-            self._reading_paused = False
-            self._transport.resume_reading()  # type: ignore[union-attr]
+        if not self._skip_unread_body():
+            self._linger()
+            return
+        if sink.closes:
+            self.close()
+            return
+        self._resume_reading()
         self._next_request()
 
-    async def _respond(
-        self, head: RequestHead, body: bytes, ctx: RequestContext, sink: _ConnectionSink
-    ) -> int:
+    async def _respond(self, head: RequestHead, ctx: RequestContext, sink: _ConnectionSink) -> int:
         """Run the proxy; answer a refusal with the envelope. Returns the status sent."""
-
-        async def read_body() -> bytes:
-            return body
-
         request = ProxyRequest(
-            head.method, head.raw_path, head.query_string, head.headers, read_body
+            head.method, head.raw_path, head.query_string, head.headers, self._read_body
         )
         try:
             await proxy(self._app, ctx, request, sink)
@@ -352,6 +450,9 @@ class ProxyConnection(asyncio.Protocol):
         if sink.started:
             self.close()  # part of a response went out: nothing more can be said
             return error.status
+        if error.close_connection or len(self._buffer) < self._body_length:
+            # The connection ends after this answer (lingering if the body still comes).
+            sink.closes = True
         await self._send_error(error, ctx, sink)
         return error.status
 
@@ -366,6 +467,22 @@ class ProxyConnection(asyncio.Protocol):
         with contextlib.suppress(ConnectionError):
             await sink.write(body)
             await sink.end()
+
+    def _linger(self) -> None:
+        """Answered without reading the body, which is still arriving: close soon.
+
+        Closing at once, with the client's bytes unread, would make the kernel reset the
+        connection, and a client still sending could lose the answer with it. So the
+        rest is read and dropped for a moment (held nowhere), then the connection closes.
+        """
+        self._discarding = True
+        self._buffer = b""
+        self._stop_idle_timer()
+        self._resume_reading()
+        transport = self._transport
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()  # the answer is all there is: the client may stop now
+        self._loop.call_later(LINGER_SECONDS, self.close)
 
     # --- timers ---------------------------------------------------------------------------
 
@@ -399,7 +516,7 @@ class ProxyConnection(asyncio.Protocol):
             self._idle_timer = None
 
 
-def _deliver(transport: asyncio.Transport, handler: RequestHandler, data: bytes) -> None:
+def _deliver(transport: asyncio.Transport, handler: web.RequestHandler, data: bytes) -> None:
     if transport.is_closing():
         return
     if data:
@@ -424,5 +541,5 @@ class ConnectionOwner(Protocol):
     def keepalive_seconds(self) -> float:
         """How long an idle keep-alive connection stays open."""
 
-    def aiohttp_handler(self) -> RequestHandler:
+    def aiohttp_handler(self) -> web.RequestHandler:
         """A new aiohttp connection handler, to take a connection over."""

@@ -14,12 +14,19 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
 
+from gateway.aiohttp_internals import (
+    ServerClassRunner,
+    handler_loop,
+    handler_server,
+    new_handler,
+    requests_read,
+    server_setting,
+    waiting_for_request,
+)
 from gateway.appkeys import CONFIG, IN_FLIGHT
-from gateway.errors import GatewayError
-from gateway.proxyserver import ProxyConnection
+from gateway.errors import GatewayError, RequestTimeout
+from gateway.proxyserver import LINGER_SECONDS, ProxyConnection
 
 log = structlog.get_logger("gateway.runner")
 
@@ -32,6 +39,10 @@ RUNNER_KWARGS: dict[str, Any] = {
     # Idle keep-alive connections close after this long (aiohttp's default is an hour);
     # the proxy route's own handler keeps the same time.
     "keepalive_timeout": 75.0,
+    # A body left unread after a refusal is read and dropped this long before the
+    # connection closes (aiohttp's default is 10 s); the proxy route's handler does
+    # the same.
+    "lingering_time": LINGER_SECONDS,
 }
 
 _REASONS = {400: "malformed_request", 413: "payload_too_large", 504: "timeout"}
@@ -42,7 +53,7 @@ _MESSAGES = {
 }
 
 
-class _EnvelopeRequestHandler(RequestHandler):
+class _EnvelopeRequestHandler(web.RequestHandler):
     """aiohttp's connection handler, answering its own errors in the gateway's envelope.
 
     It also gives each request `header_timeout_seconds` from its first byte to complete
@@ -53,21 +64,20 @@ class _EnvelopeRequestHandler(RequestHandler):
     _header_deadline: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
-        requests_before = self._request_count
+        requests_before = requests_read(self)
         super().data_received(data)
-        if self._request_count > requests_before:
+        if requests_read(self) > requests_before:
             self._disarm_header_deadline()  # a whole request line and headers arrived
-        elif self._header_deadline is None and self._waiting_for_headers():
-            timeout = getattr(self._manager, "header_timeout_seconds", None)
+        elif self._header_deadline is None and waiting_for_request(self):
+            timeout = getattr(handler_server(self), "header_timeout_seconds", None)
             if timeout:
-                self._header_deadline = self._loop.call_later(timeout, self._headers_too_slow)
+                self._header_deadline = handler_loop(self).call_later(
+                    timeout, self._headers_too_slow
+                )
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_header_deadline()
         super().connection_lost(exc)
-
-    def _waiting_for_headers(self) -> bool:
-        return self._waiter is not None and not self._waiter.done()
 
     def _disarm_header_deadline(self) -> None:
         if self._header_deadline is not None:
@@ -76,12 +86,10 @@ class _EnvelopeRequestHandler(RequestHandler):
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
-        if not self._waiting_for_headers() or self.transport is None:
+        if not waiting_for_request(self) or self.transport is None:
             return
         log.info("unreadable_request", status=408, error="header_timeout")
-        body = GatewayError(
-            "The request's headers did not arrive in time.", reason="request_timeout", status=408
-        ).body()
+        body = RequestTimeout("The request's headers did not arrive in time.").body()
         self.transport.write(
             b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
@@ -91,7 +99,7 @@ class _EnvelopeRequestHandler(RequestHandler):
 
     def handle_error(
         self,
-        request: BaseRequest,
+        request: web.BaseRequest,
         status: int = 500,
         exc: BaseException | None = None,
         message: str | None = None,
@@ -125,13 +133,14 @@ class _GatewayServer(web.Server):
 
     @property
     def keepalive_seconds(self) -> float:
-        return float(self._kwargs.get("keepalive_timeout", RUNNER_KWARGS["keepalive_timeout"]))
+        default = RUNNER_KWARGS["keepalive_timeout"]
+        return float(server_setting(self, "keepalive_timeout", default))
 
     def __call__(self) -> ProxyConnection:  # type: ignore[override]
         return ProxyConnection(self)
 
-    def aiohttp_handler(self) -> RequestHandler:
-        return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+    def aiohttp_handler(self) -> web.RequestHandler:
+        return new_handler(self, _EnvelopeRequestHandler)
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's)
         for connection in list(self.native_connections):
@@ -139,18 +148,16 @@ class _GatewayServer(web.Server):
         await super().shutdown(timeout)
 
 
-class GatewayRunner(web.AppRunner):
+class GatewayRunner(ServerClassRunner):
     """An AppRunner whose connections answer even unparseable requests with the envelope."""
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # Same object, same state; only the connection handler it creates changes.
-        server.__class__ = _GatewayServer
+    server_class = _GatewayServer
+
+    def adopt(self, server: web.Server) -> None:
         assert isinstance(server, _GatewayServer)
-        server.app = self._app
-        server.header_timeout_seconds = self._app[CONFIG].header_timeout_seconds
+        server.app = self.app
+        server.header_timeout_seconds = self.app[CONFIG].header_timeout_seconds
         server.native_connections = set()
-        return server
 
 
 def runner_for(app: web.Application, **kwargs: Any) -> GatewayRunner:

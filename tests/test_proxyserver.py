@@ -26,6 +26,8 @@ from gateway.app import create_app
 from gateway.proxyserver import MAX_HEAD_BYTES, parse_head
 from gateway.runner import runner_for
 from tests.conftest import RunningGateway
+from tests.factories import Seed
+from tests.test_proxy import EXPIRED_AGE, org_member
 
 CHAT_PATH = "/api/openrouter/chat/completions"
 MAX_BODY = 10_000
@@ -33,7 +35,8 @@ DEADLINE_SECONDS = 5.0
 
 
 def head(*lines: str) -> bytes:
-    return "\r\n".join(lines).encode()
+    """A request head with its blank line, as the connection hands it to `parse_head`."""
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 POST_LINE = f"POST {CHAT_PATH} HTTP/1.1"
@@ -57,6 +60,7 @@ def test_values_are_trimmed_repeated_headers_kept_and_the_query_split_off() -> N
     parsed = parse_head(
         head(
             "GET /api/openrouter/models?supported_parameters=tools&x=1 HTTP/1.1",
+            "Host: gw",
             "X-Title: \t Kilo Code \t",
             "Accept: a",
             "Accept: b",
@@ -76,7 +80,7 @@ def test_values_are_trimmed_repeated_headers_kept_and_the_query_split_off() -> N
     [("close", True), ("keep-alive", False), ("Keep-Alive, Close", True), ("x-foo", False)],
 )
 def test_connection_close_is_noticed(connection: str, close: bool) -> None:
-    parsed = parse_head(head(POST_LINE, f"Connection: {connection}"), MAX_BODY)
+    parsed = parse_head(head(POST_LINE, "Host: gw", f"Connection: {connection}"), MAX_BODY)
     assert parsed is not None and parsed.close is close
 
 
@@ -337,13 +341,131 @@ async def test_an_idle_keep_alive_connection_is_closed(
     writer.close()
 
 
-async def test_a_body_that_stops_arriving_does_not_hold_the_connection(
-    brief_gateway: RunningGateway, token: str, upstream: RunningUpstream
+@pytest.fixture
+async def slow_body_gateway(
+    make_config: Callable[..., gateway_config.Config],
+) -> AsyncIterator[RunningGateway]:
+    """A gateway that waits half a second for a request's body."""
+    app = create_app(make_config(BODY_TIMEOUT_SECONDS=BODY_TIMEOUT))
+    runner = runner_for(app, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    gateway = RunningGateway(app, runner, URL(f"http://127.0.0.1:{runner.addresses[0][1]}"))
+    yield gateway
+    await gateway.close()
+
+
+BODY_TIMEOUT = 0.5
+
+
+def chunked_request(token: str, first_chunk: bytes) -> bytes:
+    """A head with a chunked body (a framing aiohttp reads) and its first chunk only."""
+    return (
+        f"{POST_LINE}\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode() + b"%x\r\n%b\r\n" % (len(first_chunk), first_chunk)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_body_slower_than_the_body_timeout_is_408_and_the_connection_closes(
+    slow_body_gateway: RunningGateway, token: str, upstream: RunningUpstream, framing: str
 ) -> None:
-    reader, writer = await asyncio.open_connection(brief_gateway.url.host, brief_gateway.url.port)
+    """Both servers: the whole body has BODY_TIMEOUT_SECONDS, however it trickles."""
+    gateway = slow_body_gateway
+    reader, writer = await asyncio.open_connection(gateway.url.host, gateway.url.port)
     raw = request(token)
-    writer.write(raw[:-5])  # the head and all but five bytes of the body
+    writer.write(raw[:-5] if framing == "content-length" else chunked_request(token, b'{"mo'))
     await writer.drain()
+    started = time.monotonic()
+    for _ in range(3):  # a byte now and then does not extend the deadline
+        await asyncio.sleep(BODY_TIMEOUT / 4)  # the client's pace, not a wait for the gateway
+        writer.write(b" " if framing == "content-length" else b"1\r\n \r\n")
+        await writer.drain()
+    response = await read_response(reader)
+    assert response.status == 408
+    assert response.json()["error_type"] == "request_timeout"  # type: ignore[index]
+    assert response.headers["Connection"] == "close"
+    assert time.monotonic() - started < BODY_TIMEOUT * 4
     await closed_by_the_gateway(reader)
     assert upstream.recorder.received == 0
     writer.close()
+
+
+LARGE_BODY = 10_000_000
+
+
+def large_upload_head(token: str) -> bytes:
+    return (
+        f"{POST_LINE}\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {LARGE_BODY}\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("caller", ["bad key", "expired trial"])
+async def test_a_refused_caller_is_answered_before_its_body_arrives(
+    gateway: RunningGateway, seed: Seed, upstream: RunningUpstream, framing: str, caller: str
+) -> None:
+    """The key, the organization and the rule are judged from the head: the refusal goes
+    out while the body has not even started, and the connection then closes."""
+    if caller == "bad key":
+        token, status = "sk-kilo-not-a-key", 401
+    else:
+        token, status = (await org_member(seed, age=EXPIRED_AGE)).token, 402
+    reader, writer = await asyncio.open_connection(gateway.url.host, gateway.url.port)
+    writer.write(
+        large_upload_head(token) + b"{"
+        if framing == "content-length"
+        else chunked_request(token, b"{")
+    )
+    await writer.drain()
+    response = await read_response(reader)  # no more body bytes are ever sent
+    assert response.status == status
+    assert response.headers["Connection"] == "close"
+    await closed_by_the_gateway(reader)
+    assert upstream.recorder.received == 0
+    writer.close()
+
+
+async def test_a_refused_upload_still_sending_reads_its_answer(
+    gateway: RunningGateway, upstream: RunningUpstream
+) -> None:
+    """A client that sends its whole 10 MB body before reading gets the 401, not a reset:
+    the gateway takes and drops the rest for a moment before it closes."""
+    reader, writer = await asyncio.open_connection(gateway.url.host, gateway.url.port)
+    writer.write(large_upload_head("sk-kilo-not-a-key"))
+    piece = b"x" * 65536
+    with contextlib.suppress(ConnectionError):
+        for _ in range(LARGE_BODY // len(piece)):
+            writer.write(piece)
+            await writer.drain()
+    response = await read_response(reader)
+    assert response.status == 401
+    assert upstream.recorder.received == 0
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("host_lines", "extra_headers"),
+    [("", 0), ("Host: gw\r\nHost: other\r\n", 0), ("Host: gw\r\n", 130)],
+    ids=["no host", "two hosts", "130 headers"],
+)
+async def test_heads_aiohttp_refuses_are_refused_here_too(
+    conn: Conn, token: str, upstream: RunningUpstream, host_lines: str, extra_headers: int
+) -> None:
+    """A missing or repeated Host, or more than 128 header lines, are aiohttp's 400 in the
+    envelope, never forwarded (the fast path used to forward them)."""
+    body = b'{"model":"m","messages":[]}'
+    extra = "".join(f"X-Filler-{i}: {i}\r\n" for i in range(extra_headers))
+    await conn.send(
+        (
+            f"{POST_LINE}\r\n{host_lines}Authorization: Bearer {token}\r\n{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
+    )
+    response = await read_response(conn.reader)
+    assert response.status == 400
+    assert response.json()["error_type"] == "malformed_request"  # type: ignore[index]
+    assert upstream.recorder.received == 0
