@@ -63,6 +63,22 @@ _METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 # Headers whose handling stays aiohttp's: body framing and decoding, interim responses,
 # protocol switches.
 _HAND_OVER_HEADERS = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade"})
+# Headers aiohttp refuses to see twice (its parser's SINGLETON_HEADERS; a test keeps the
+# two the same).
+SINGLETON_HEADERS = frozenset(
+    {
+        "content-length",
+        "content-location",
+        "content-range",
+        "content-type",
+        "etag",
+        "host",
+        "max-forwards",
+        "server",
+        "transfer-encoding",
+        "user-agent",
+    }
+)
 # No percent-encoding, dot or empty segments: paths aiohttp might read differently.
 _PLAIN_PATH = re.compile(r"/api/openrouter/[A-Za-z0-9\-_~!$&'()*+,;=:@/.]*")
 _PLAIN_QUERY = re.compile(r"[!-\"$-~]*")  # visible ASCII but "#"
@@ -143,7 +159,7 @@ def _whitelisted(
     """The head, if its header lines are all ones served here."""
     headers: CIMultiDict[str] = CIMultiDict()
     content_length: int | None = None
-    hosts = 0
+    singletons: set[str] = set()
     close = False
     for raw_name, raw_value in fields:
         if not _FIELD_VALUE.fullmatch(raw_value):
@@ -153,10 +169,12 @@ def _whitelisted(
         lowered = name.lower()
         if lowered in _HAND_OVER_HEADERS:
             return None
-        if lowered == "host":
-            hosts += 1
-        elif lowered == "content-length":
-            if content_length is not None or not value.isdigit() or len(value) > MAX_LENGTH_DIGITS:
+        if lowered in SINGLETON_HEADERS:
+            if lowered in singletons:
+                return None  # aiohttp answers 400
+            singletons.add(lowered)
+        if lowered == "content-length":
+            if not value.isdigit() or len(value) > MAX_LENGTH_DIGITS:
                 return None
             content_length = int(value)
         elif lowered == "connection":
@@ -164,8 +182,8 @@ def _whitelisted(
             # body is complete, as here.
             close = close or "close" in {token.strip().lower() for token in value.split(",")}
         headers.add(name, value)
-    if hosts != 1:
-        return None  # aiohttp answers 400 for a missing or a repeated Host
+    if "host" not in singletons:
+        return None  # aiohttp answers 400
     if content_length is None:
         content_length = 0
     if content_length > max_body_bytes:

@@ -93,7 +93,6 @@ def test_connection_close_is_noticed(connection: str, close: bool) -> None:
         head(f"HEAD {CHAT_PATH} HTTP/1.1"),  # no body in the answer: aiohttp's
         head(f"post {CHAT_PATH} HTTP/1.1"),  # methods are case-sensitive
         head(f"CONNECT {CHAT_PATH} HTTP/1.1"),
-        head(f"POST  {CHAT_PATH} HTTP/1.1"),  # two spaces
         head(f"POST http://gw{CHAT_PATH} HTTP/1.1"),  # absolute form
         head("POST /api/openrouter/chat%2Fcompletions HTTP/1.1"),  # percent-encoding
         head("POST /api/openrouter//chat/completions HTTP/1.1"),  # empty segment
@@ -125,7 +124,29 @@ def test_connection_close_is_noticed(connection: str, close: bool) -> None:
     ],
 )
 def test_anything_unusual_is_handed_to_aiohttp(raw: bytes) -> None:
+    with_host = raw.replace(b"\r\n", b"\r\nHost: gw\r\n", 1)  # the one thing wrong is the row's
+    assert parse_head(with_host, MAX_BODY) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        head(POST_LINE, "Content-Length: 2"),  # no Host
+        head(POST_LINE, "Host: gw", "Host: gw"),
+        head(POST_LINE, "Host: gw", "host: other"),
+        head(POST_LINE, "Host: gw", *(f"X-{i}: {i}" for i in range(128))),  # 129 lines
+        # Found by the differential test: aiohttp refuses these headers twice.
+        head(POST_LINE, "Host: gw", "Content-Type: a", "Content-Type: b"),
+        head(POST_LINE, "Host: gw", "User-Agent: a", "user-agent: a"),
+    ],
+)
+def test_heads_aiohttp_refuses_are_handed_to_it(raw: bytes) -> None:
     assert parse_head(raw, MAX_BODY) is None
+
+
+def test_as_many_header_lines_as_aiohttp_takes_are_served_here() -> None:
+    raw = head(POST_LINE, "Host: gw", *(f"X-{i}: {i}" for i in range(127)))
+    assert parse_head(raw, MAX_BODY) is not None
 
 
 # --- A real gateway, raw sockets ---------------------------------------------------------
