@@ -14,7 +14,7 @@ from types import FrameType
 
 from bench.environment import progress
 from bench.load import wrk_available
-from bench.options import parse_options
+from bench.options import THROUGHPUT, parse_options
 from bench.report import assemble, save
 from bench.runner import Run, execute
 from bench.table import full_report
@@ -35,9 +35,9 @@ def _interrupted(_signum: int, _frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the bench; 0 when it ran, 2 without wrk, 130 when interrupted."""
+    """Run the bench; 0 when it ran, 2 without wrk (when needed), 130 when interrupted."""
     options = parse_options(argv)
-    if not wrk_available():
+    if THROUGHPUT in options.phases and not wrk_available():
         print("bench: wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -45,7 +45,10 @@ def prepare(opts: Options, stack: contextlib.ExitStack, tmp: Path, log_dir: Path
         "upstream", log_dir, chunks=opts.chunks, interval_seconds=opts.interval_ms / 1000
     )
     stack.callback(upstream.child.stop)
-    if not {targets.GATEWAY, targets.GATEWAY_UNMETERED, targets.GATEWAY_COLD} & set(opts.targets):
+    gateways = set(targets.GATEWAY_TARGETS) & set(opts.targets)
+    if opts.baseline_tree is None:
+        gateways.discard(targets.GATEWAY_BASELINE)
+    if not gateways:
         return Prepared(upstream, "kilo_bench_no_gateway")
     db = stack.enter_context(
         database.scratch_database(opts.database_url)

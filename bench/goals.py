@@ -46,7 +46,9 @@ def _goal(name: str, figure: str, met: bool | None) -> dict[str, Any]:
 
 def _latency_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Added latency at concurrency 1 and against the floor and LiteLLM."""
-    goals = []
+    goals: list[dict[str, Any]] = []
+    if not doc["cells"]:
+        return goals  # no throughput rounds in this run
     p50, p99 = _added(doc, "gateway", "p50"), _added(doc, "gateway", "p99")
     floor = _added(doc, "aiohttp-floor", "p50")
     litellm = _added(doc, "litellm", "p50")
@@ -144,6 +146,25 @@ def _memory_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [_goal(name, figure + ("" if streams >= 1000 else " (goal needs 1000)"), met)]
 
 
+def _slow_upload_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Slow 10 MB uploads with bad keys: the gateway stays under 150 MB."""
+    goals = []
+    for entry in doc.get("slow_uploads", []):
+        if entry["target"] != "gateway" or "failed" in entry:
+            continue
+        connections, megabytes = entry["connections"], entry["peak_rss_bytes"] / 2**20
+        name = f"{connections} {entry['variant']} 10 MB uploads, bad key: < 150 MB"
+        answer = entry["answer_401_ms"]["p50"]
+        figure = (
+            f"{megabytes:.0f} MB, {entry['answered_401']} 401s"
+            + (f" after {answer:.0f} ms p50" if answer is not None else "")
+            + f", {entry['closed_by_gateway']} closed by the gateway"
+        )
+        met = megabytes < 150 if connections >= 100 else None
+        goals.append(_goal(name, figure + ("" if connections >= 100 else " (goal needs 100)"), met))
+    return goals
+
+
 def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Every goal the run can judge, with the figure reached."""
     return [
@@ -152,4 +173,5 @@ def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
         *_stream_goals(doc),
         *_metering_goals(doc),
         *_memory_goals(doc),
+        *_slow_upload_goals(doc),
     ]

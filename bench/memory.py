@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from bench.environment import Prepared
 from bench.load import Bodies
 from bench.measure import scrape
 from bench.procs import TargetFailed, open_fds, peak_rss_bytes, rss_bytes
-from bench.targets import GatewayOptions, Target
+from bench.targets import GatewayOptions, Skipped, Target
 
 CHUNKS = 10
 # Long enough for handlers to finish and counters to settle after the last stream.
@@ -35,6 +36,7 @@ class MemoryPlan:
     stream_seconds: float
     workers: int
     wanted: tuple[str, ...] = (targets.DIRECT, targets.GATEWAY, targets.FLOOR)
+    baseline_tree: Path | None = None  # for gateway-baseline
 
     @property
     def ramp_seconds(self) -> float:
@@ -92,7 +94,7 @@ def memory_phase(
         )
         stack.callback(upstream.child.stop)
         results.append(measure(targets.direct_target(upstream, token), plan, token, bodies))
-        starters = {
+        starters: dict[str, Callable[[], Target | Skipped]] = {
             targets.FLOOR: lambda: targets.start_floor(upstream, log_dir, token, "memory-floor"),
             targets.GATEWAY: lambda: targets.start_gateway(
                 GatewayOptions("memory-gateway", plan.workers, token=token),
@@ -101,14 +103,27 @@ def memory_phase(
                 tmp,
                 log_dir,
             ),
+            targets.GATEWAY_BASELINE: lambda: targets.start_gateway_baseline(
+                GatewayOptions(
+                    "memory-gateway-baseline", plan.workers, token=token, tree=plan.baseline_tree
+                ),
+                upstream,
+                database_url or "",
+                tmp,
+                log_dir,
+            ),
         }
         for name, start in starters.items():
-            if name not in plan.wanted or (name == targets.GATEWAY and database_url is None):
+            needs_database = name in targets.GATEWAY_TARGETS
+            if name not in plan.wanted or (needs_database and database_url is None):
                 continue
             try:
                 target = start()
             except TargetFailed as exc:
                 results.append({"target": name, "failed": str(exc)})
+                continue
+            if isinstance(target, Skipped):
+                results.append({"target": name, "failed": target.reason})
                 continue
             stack.callback(target.child.stop)
             target.name = name

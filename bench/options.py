@@ -2,7 +2,8 @@
 
 ``--quick`` changes the defaults of the flags the user did not give (fewer rounds,
 shorter runs, concurrency 1 and 8, a smaller memory test, no LiteLLM) so the whole run
-takes under a minute; an explicit flag always wins.
+takes about a minute; an explicit flag always wins. ``--phases`` picks which of the
+throughput rounds, the memory test and the slow-uploads test run.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import SCENARIOS
-from bench.targets import ALL_TARGETS, DIRECT, LITELLM
+from bench.targets import ALL_TARGETS, DIRECT, GATEWAY_BASELINE, LITELLM
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+THROUGHPUT, MEMORY, SLOW_UPLOADS = "throughput", "memory", "slow-uploads"
+PHASES = (THROUGHPUT, MEMORY, SLOW_UPLOADS)
 
 # flag: (full run, --quick)
 _MODE_DEFAULTS: dict[str, tuple[Any, Any]] = {
@@ -47,6 +50,10 @@ class Options:
     cold_orgs: int
     memory_streams: int
     memory_seconds: float
+    slow_uploads: int
+    slow_upload_seconds: float
+    phases: tuple[str, ...]
+    baseline_tree: Path | None
     database_url: str | None
     litellm_venv: Path | None
     results_dir: Path
@@ -79,9 +86,10 @@ def _levels(text: str) -> tuple[int, ...]:
 
 
 _QUICK_HELP = (
-    "under a minute: 1 round of 1 s runs at concurrency 1,8 (stream and mix with wrk at 8 "
+    "about a minute: 1 round of 1 s runs at concurrency 1,8 (stream and mix with wrk at 8 "
     "only; the client times them at 1), 5,000 cold organizations, a 200-stream memory test "
-    "through direct and the gateway only, no LiteLLM; flags given explicitly still win"
+    "through direct and the gateway only (and gateway-baseline), no LiteLLM; the "
+    "slow-uploads test as in a full run; flags given explicitly still win"
 )
 # (flag, argparse keywords); every default is spelled out in the help text.
 _FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -112,6 +120,22 @@ _FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
                           "test; 0 skips it [default 1000; quick 200]"}),
     ("--memory-seconds", {"type": float, "help": "how long each memory-test stream lasts "
                           "[default 4; quick 1]"}),
+    ("--slow-uploads", {"type": int, "default": 100, "metavar": "N",
+                        "help": "connections in the slow-uploads test: each sends a "
+                        "10,000,000-byte body with a bad key, once slowly and once as fast "
+                        "as the gateway reads, to a fresh gateway (and gateway-baseline); "
+                        "0 skips it [default 100]"}),
+    ("--slow-upload-seconds", {"type": float, "default": 20.0, "help": "how long each "
+                               "slow-uploads run lasts at most [default 20]"}),
+    ("--phases", {"type": _names(PHASES), "default": PHASES, "help": "comma-separated "
+                  f"phases to run [default: all of {','.join(PHASES)}]; e.g. slow-uploads "
+                  "alone (wrk is then not needed)"}),
+    ("--baseline-tree", {"type": Path, "metavar": "PATH",
+                         "help": "a checkout of an earlier commit of this repository (git "
+                         "worktree add /tmp/gateway-baseline <commit>): adds the target "
+                         "gateway-baseline, python -m gateway serve run there with "
+                         "PYTHONPATH=PATH, beside gateway in every phase [default: "
+                         "gateway-baseline is skipped]"}),
     ("--database-url", {"help": "PostgreSQL server to create a scratch database on (dropped "
                         "after) [default: an embedded PostgreSQL (pgserver) in a temp dir]"}),
     ("--litellm-venv", {"type": Path, "help": "virtual environment with litellm[proxy] "
@@ -150,9 +174,18 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         parser.error("--workers, --rounds and --duration must be at least 1, --chunks 2")
     if args.cold_orgs < 1:
         parser.error("--cold-orgs must be at least 1")
+    if args.slow_uploads < 0 or args.slow_upload_seconds <= 0:
+        parser.error("--slow-uploads must be at least 0, --slow-upload-seconds above 0")
     chosen = tuple(t for t in args.targets if t != DIRECT)
     if args.quick:
         chosen = tuple(t for t in chosen if t != LITELLM)
+    baseline_tree = args.baseline_tree
+    if baseline_tree is not None:
+        baseline_tree = baseline_tree.expanduser().resolve()
+        if not (baseline_tree / "gateway" / "__main__.py").is_file():
+            parser.error(f"--baseline-tree {baseline_tree}: no gateway/__main__.py there")
+        if GATEWAY_BASELINE not in chosen:
+            chosen += (GATEWAY_BASELINE,)
     return Options(
         quick=args.quick,
         targets=(DIRECT, *chosen),
@@ -167,6 +200,10 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         cold_orgs=args.cold_orgs,
         memory_streams=args.memory_streams,
         memory_seconds=args.memory_seconds,
+        slow_uploads=args.slow_uploads,
+        slow_upload_seconds=args.slow_upload_seconds,
+        phases=args.phases,
+        baseline_tree=baseline_tree,
         database_url=args.database_url,
         litellm_venv=None if args.quick else args.litellm_venv,
         results_dir=args.results_dir,

@@ -72,6 +72,7 @@ def assemble(run: Run, started_at: datetime, wall_seconds: float) -> dict[str, A
             key=lambda c: (c["scenario"], ALL_TARGETS.index(c["target"])),
         ),
         "memory": run.memory,
+        "slow_uploads": run.slow_uploads,
         "warnings": list(run.warnings),
     }
     doc["goals"] = goals.evaluate(doc)
@@ -88,7 +89,7 @@ def save(
     notes = [f"results: {results.write(doc, results_dir, stamp)} (and latest.json)"]
     for name in (f"{stamp}.txt", "latest.txt"):
         (results_dir / name).write_text(tables + "\n")
-    if not draw:
+    if not draw or not doc["cells"]:
         return notes
     missing = chart.matplotlib_missing()
     if missing is not None:

@@ -1,4 +1,5 @@
-"""One bench run: database, targets, interleaved rounds of every cell, then the memory test.
+"""One bench run: database, targets, interleaved rounds of every cell, then the memory and
+slow-uploads tests (each phase only when ``--phases`` has it).
 
 Targets are measured in rounds: each round runs every (scenario, concurrency) cell once
 for every target, in an order that rotates from cell to cell and round to round, so drift
@@ -23,7 +24,7 @@ from bench.environment import Prepared, prepare, progress
 from bench.load import SMALL, STREAM, Bodies, Cell, run_wrk, write_bodies
 from bench.measure import CellResult, probe
 from bench.memory import MemoryPlan, memory_phase
-from bench.options import Options
+from bench.options import MEMORY, SLOW_UPLOADS, THROUGHPUT, Options
 from bench.procs import (
     TargetFailed,
     command_line,
@@ -32,6 +33,7 @@ from bench.procs import (
     rss_bytes,
     stop_leftovers,
 )
+from bench.slow_uploads import UploadPlan, slow_uploads_phase
 from bench.targets import GatewayOptions, Skipped, Target
 
 T = TypeVar("T")
@@ -48,6 +50,7 @@ class Run:
     cells: dict[tuple[str, str, int], CellResult] = field(default_factory=dict)
     client: dict[tuple[str, str], client.ClientSamples] = field(default_factory=dict)
     memory: list[dict[str, Any]] = field(default_factory=list)
+    slow_uploads: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -73,6 +76,19 @@ def _starters(
     return {
         targets.FLOOR: lambda: targets.start_floor(up, log_dir, token),
         targets.GATEWAY: lambda: gateway(targets.GATEWAY, token=token),
+        targets.GATEWAY_BASELINE: lambda: targets.start_gateway_baseline(
+            GatewayOptions(
+                targets.GATEWAY_BASELINE,
+                opts.workers,
+                token=token,
+                keep_stdout=keep,
+                tree=opts.baseline_tree,
+            ),
+            up,
+            db_url,
+            tmp,
+            log_dir,
+        ),
         targets.GATEWAY_UNMETERED: lambda: gateway(
             targets.GATEWAY_UNMETERED, token=token, module="bench.unmetered"
         ),
@@ -105,9 +121,15 @@ def start_targets(
     chosen = [targets.direct_target(prep.upstream, prep.token)]
     run.target_info[targets.DIRECT] = {"status": "ran"}
     starters = _starters(run, prep, tmp, log_dir)
-    for name in [n for n in starters if n not in run.options.targets]:
+    no_baseline = run.options.baseline_tree is None
+    for name in list(starters):
         quick_litellm = name == targets.LITELLM and run.options.quick
-        reason = "not run with --quick" if quick_litellm else "not in --targets"
+        if name == targets.GATEWAY_BASELINE and no_baseline:
+            reason = "no --baseline-tree given"  # listed, but no warning: it is opt-in
+        elif name in run.options.targets:
+            continue
+        else:
+            reason = "not run with --quick" if quick_litellm else "not in --targets"
         run.target_info[name] = {"status": "skipped", "reason": reason}
         del starters[name]
     outcomes = _start_all(starters)
@@ -124,7 +146,7 @@ def start_targets(
             run.target_info[name] = {"status": "skipped", "reason": outcome.reason}
             run.warnings.append(f"{name} skipped: {outcome.reason.splitlines()[0]}")
             continue
-        run.target_info[name] = {"status": "ran"}
+        run.target_info[name] = {"status": "ran", **outcome.info}
         chosen.append(outcome)
         progress(f"  {name} ready (pid {outcome.child.pid})")
     return chosen
@@ -237,23 +259,36 @@ def execute(run: Run) -> None:
         with raised_fd_limit(), contextlib.ExitStack() as stack:
             bodies = write_bodies(tmp)
             prep = prepare(opts, stack, tmp, log_dir)
-            with contextlib.ExitStack() as target_stack:
-                started = start_targets(run, target_stack, prep, tmp, log_dir)
-                chosen = warm_up(run, started, prep, bodies)
-                rounds(run, chosen, prep, bodies)
-                record_memory(run, chosen)
-            if opts.memory_streams > 0:
+            if THROUGHPUT in opts.phases:
+                with contextlib.ExitStack() as target_stack:
+                    started = start_targets(run, target_stack, prep, tmp, log_dir)
+                    chosen = warm_up(run, started, prep, bodies)
+                    rounds(run, chosen, prep, bodies)
+                    record_memory(run, chosen)
+            baseline = () if opts.baseline_tree is None else (targets.GATEWAY_BASELINE,)
+            if MEMORY in opts.phases and opts.memory_streams > 0:
                 progress(f"  memory: {opts.memory_streams} streams held open at once")
                 # The floor's footprint is a useful reference, but --quick has no time for it.
-                wanted: tuple[str, ...] = (targets.DIRECT, targets.GATEWAY)
+                wanted: tuple[str, ...] = (targets.DIRECT, targets.GATEWAY, *baseline)
                 wanted += () if opts.quick else (targets.FLOOR,)
                 plan = MemoryPlan(
                     opts.memory_streams,
                     opts.memory_seconds,
                     opts.workers,
                     tuple(t for t in wanted if t in opts.targets),
+                    opts.baseline_tree,
                 )
                 run.memory = memory_phase(plan, prep, tmp, log_dir, bodies)
+            if SLOW_UPLOADS in opts.phases and opts.slow_uploads > 0:
+                progress(f"  slow uploads: {opts.slow_uploads} 10 MB bodies with a bad key")
+                upload_plan = UploadPlan(
+                    opts.slow_uploads,
+                    opts.slow_upload_seconds,
+                    opts.workers,
+                    tuple(t for t in (targets.GATEWAY, *baseline) if t in opts.targets),
+                    opts.baseline_tree,
+                )
+                run.slow_uploads = slow_uploads_phase(upload_plan, prep, tmp, log_dir, bodies)
             if prep.rotation is not None and prep.rotation.reused_within_ttl:
                 run.warnings.append("gateway-cold reused keys within the cache TTL")
     finally:

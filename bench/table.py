@@ -197,6 +197,74 @@ def memory_table(doc: dict[str, Any]) -> str:
     return "memory · streams held open at once\n" + render(header, rows)
 
 
+def _spread_text(spread: dict[str, float | None], scale: float = 1.0, decimals: int = 0) -> str:
+    """``median / max`` of a spread, scaled, or a dash."""
+    middle, top = spread.get("p50"), spread.get("max")
+    if middle is None or top is None:
+        return "-"
+    return f"{_number(middle * scale, decimals)} / {_number(top * scale, decimals)}"
+
+
+def slow_uploads_table(doc: dict[str, Any]) -> str:
+    """The slow-uploads test: bad keys, 10 MB bodies, one fresh gateway per row."""
+    header = [
+        "target",
+        "variant",
+        "conns",
+        "401",
+        "401 after ms p50/max",
+        "other",
+        "FIN",
+        "FIN after s p50/max",
+        "reset",
+        "reset after s p50/max",
+        "sent MB p50/max",
+        "all sent",
+        "open at end",
+        "RSS before",
+        "peak RSS",
+        "RSS after",
+        "CPU s",
+    ]
+    rows = []
+    for u in doc["slow_uploads"]:
+        if "failed" in u:
+            failed = "failed: " + u["failed"].splitlines()[0][:80]
+            rows.append([u["target"], u["variant"], failed] + [""] * (len(header) - 3))
+            continue
+        others = {s: n for s, n in u["statuses"].items() if s != "401"}
+        others.update({f"no answer ({k})": n for k, n in u["errors"].items()})
+        if u["no_answer"]:
+            others["none"] = u["no_answer"]
+        rows.append(
+            [
+                u["target"],
+                u["variant"],
+                str(u["connections"]),
+                str(u["answered_401"]),
+                _spread_text(u["answer_401_ms"], decimals=1),
+                _statuses(others),
+                str(u["fin"]),
+                _spread_text(u["fin_after_s"], decimals=2),
+                str(u["reset"]),
+                _spread_text(u["reset_after_s"], decimals=2),
+                _spread_text(u["sent_bytes"], 1e-6, 1),
+                str(u["body_sent_all"]),
+                str(u["open_at_end"]),
+                f"{u['before']['rss_bytes'] / MIB:.1f} MiB",
+                f"{u['peak_rss_bytes'] / MIB:.1f} MiB",
+                f"{u['after']['rss_bytes'] / MIB:.1f} MiB",
+                _number(u["cpu_seconds"], 2),
+            ]
+        )
+    limit = f", each run at most {doc['options']['slow_upload_seconds']:g} s"
+    title = (
+        "slow uploads · Content-Length 10,000,000 with Authorization: Bearer not-a-key · "
+        f"slow: 64 KiB every 100 ms, fast: as fast as the socket takes it{limit}"
+    )
+    return title + "\n" + render(header, rows)
+
+
 def goals_table(doc: dict[str, Any]) -> str:
     """Issue 5's goals and the figures reached."""
     marks = {True: "met", False: "NOT MET", None: "n/a"}
@@ -206,12 +274,15 @@ def goals_table(doc: dict[str, Any]) -> str:
 
 def full_report(doc: dict[str, Any]) -> str:
     """Everything for the terminal."""
-    parts = [wrk_tables(doc)]
+    parts = [wrk_tables(doc)] if doc["cells"] else []
     if doc["client"]:
         parts.append(client_table(doc))
-    parts.append(resources_table(doc))
+    if doc["targets"]:
+        parts.append(resources_table(doc))
     if doc["memory"]:
         parts.append(memory_table(doc))
+    if doc.get("slow_uploads"):
+        parts.append(slow_uploads_table(doc))
     if doc["goals"]:
         parts.append(goals_table(doc))
     if doc["checks"]:

@@ -3,6 +3,8 @@
 - ``direct``: the fake OpenRouter itself (the floor of floors);
 - ``aiohttp-floor``: ``bench/floor_proxy.py``, a bare aiohttp pass-through;
 - ``gateway``: ``python -m gateway serve`` in enforce mode, one organization's key (warm);
+- ``gateway-baseline``: the same, run from ``--baseline-tree`` (a checkout of an earlier
+  commit), whose ``gateway`` package is imported instead of the installed one;
 - ``gateway-cold``: another gateway process, every request from another organization;
 - ``nginx``: a plain reverse proxy, when the ``nginx`` binary is installed;
 - ``litellm``: the LiteLLM proxy from ``--litellm-venv``, routing to the fake upstream.
@@ -15,10 +17,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from bench.procs import Child, free_port, ready_or_stop, spawn
 from gateway.config import load_defaults
@@ -26,12 +29,25 @@ from gateway.config import load_defaults
 DIRECT: Final = "direct"
 FLOOR: Final = "aiohttp-floor"
 GATEWAY: Final = "gateway"
+# The gateway of an earlier commit (``--baseline-tree``), beside this one in the same run.
+GATEWAY_BASELINE: Final = "gateway-baseline"
 GATEWAY_COLD: Final = "gateway-cold"
 # The gateway with metering switched off (`bench/unmetered.py`): what metering costs.
 GATEWAY_UNMETERED: Final = "gateway-unmetered"
 NGINX: Final = "nginx"
 LITELLM: Final = "litellm"
-ALL_TARGETS: Final = (DIRECT, FLOOR, GATEWAY, GATEWAY_UNMETERED, GATEWAY_COLD, NGINX, LITELLM)
+ALL_TARGETS: Final = (
+    DIRECT,
+    FLOOR,
+    GATEWAY,
+    GATEWAY_BASELINE,
+    GATEWAY_UNMETERED,
+    GATEWAY_COLD,
+    NGINX,
+    LITELLM,
+)
+# The targets that are a gateway process on the bench's database.
+GATEWAY_TARGETS: Final = (GATEWAY, GATEWAY_BASELINE, GATEWAY_UNMETERED, GATEWAY_COLD)
 
 HOST: Final = "127.0.0.1"
 MODEL: Final = "openai/gpt-4o-mini"
@@ -51,6 +67,7 @@ class Target:
     token: str | None = None
     keys_file: Path | None = None  # gateway-cold: one token per line, rotated per request
     metrics_url: str | None = None  # the gateway's Prometheus endpoint
+    info: dict[str, Any] = field(default_factory=dict)  # extra facts for the results
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +146,7 @@ class GatewayOptions:
     keys_file: Path | None = None
     keep_stdout: bool = False
     module: str = "gateway"  # or "bench.unmetered"
+    tree: Path | None = None  # run this checkout's ``gateway`` package (gateway-baseline)
 
 
 def start_gateway(
@@ -140,6 +158,10 @@ def start_gateway(
     work_dir = tmp / options.name
     work_dir.mkdir(exist_ok=True)
     env = gateway_env(upstream, database_url, port, work_dir)
+    cwd = PROJECT_ROOT
+    if options.tree is not None:
+        cwd = options.tree
+        env.update(tree_env(options.tree))
     argv = [sys.executable, "-m", options.module, "serve", "--workers", str(options.workers)]
     child = spawn(
         options.name,
@@ -147,11 +169,11 @@ def start_gateway(
         log_dir=log_dir,
         env=env,
         keep_stdout=options.keep_stdout,
-        cwd=PROJECT_ROOT,
+        cwd=cwd,
     )
     root = f"http://{HOST}:{port}"
     ready_or_stop(child, root + "/healthz", READY_SECONDS)
-    return Target(
+    target = Target(
         options.name,
         root + "/api/openrouter/chat/completions",
         child,
@@ -159,6 +181,110 @@ def start_gateway(
         keys_file=options.keys_file,
         metrics_url=root + "/metrics",
     )
+    if options.tree is not None:
+        # What the running process really got, read back from /proc.
+        target.info = {
+            **tree_facts(options.tree),
+            "cwd": _proc_cwd(child.pid),
+            "pythonpath": _proc_environ(child.pid).get("PYTHONPATH"),
+        }
+    return target
+
+
+def tree_env(tree: Path) -> dict[str, str]:
+    """What makes ``python -m gateway`` import ``tree``'s package: PYTHONPATH (and cwd)."""
+    return {"PYTHONPATH": str(tree)}
+
+
+# Run in a child with the baseline's cwd and PYTHONPATH: import every module of the
+# tree's ``gateway`` package and list any ``gateway.*`` module loaded from elsewhere.
+# ``gateway`` has no ``__init__.py``, so it is a namespace package and the installed
+# (editable) tree is a portion of it too: the tree's modules come first on its path, but
+# a module only the installed tree has would still be found there.
+_IMPORT_CHECK: Final = """
+import importlib, json, pathlib, sys
+tree = pathlib.Path(sys.argv[1]).resolve()
+failed = {}
+for source in sorted((tree / "gateway").glob("*.py")):
+    try:
+        importlib.import_module("gateway." + source.stem)
+    except Exception as exc:
+        failed[source.stem] = repr(exc)[:200]
+loaded = {n: getattr(m, "__file__", None) for n, m in sys.modules.items()
+          if n == "gateway" or n.startswith("gateway.")}
+outside = {n: f for n, f in loaded.items()
+           if f is not None and not pathlib.Path(f).resolve().is_relative_to(tree)}
+print(json.dumps({"modules": len(loaded), "outside": outside, "failed": failed}))
+"""
+_TREE_FACTS: dict[Path, dict[str, Any]] = {}
+
+
+def tree_facts(tree: Path) -> dict[str, Any]:
+    """The tree, its commit and where its modules import from (checked once per run)."""
+    if tree not in _TREE_FACTS:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | tree_env(tree)
+        done = subprocess.run(
+            [sys.executable, "-c", _IMPORT_CHECK, str(tree)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tree,
+            check=False,
+            timeout=120,
+        )
+        try:
+            check = json.loads(done.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            check = {"error": (done.stdout + done.stderr)[-2000:]}
+        commit = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        _TREE_FACTS[tree] = {"tree": str(tree), "commit": commit or None, "import_check": check}
+    return _TREE_FACTS[tree]
+
+
+def tree_problem(tree: Path) -> str | None:
+    """Why ``tree``'s gateway would not be the one measured, or None when it would."""
+    check = tree_facts(tree)["import_check"]
+    if "error" in check:
+        return f"the import check in {tree} failed: {check['error']}"
+    if check["outside"]:
+        outside = ", ".join(f"{n} from {f}" for n, f in sorted(check["outside"].items()))
+        return f"modules imported from outside {tree}: {outside}"
+    return None
+
+
+def _proc_cwd(pid: int) -> str | None:
+    """The working directory of a running process."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def _proc_environ(pid: int) -> dict[str, str]:
+    """The environment a running process was started with."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+    return {name: value for name, _, value in pairs}
+
+
+def start_gateway_baseline(
+    options: GatewayOptions, upstream: Upstream, database_url: str, tmp: Path, log_dir: Path
+) -> Target | Skipped:
+    """The gateway of ``options.tree``, or Skipped when there is none or it is not isolated."""
+    if options.tree is None:
+        return Skipped(GATEWAY_BASELINE, "no --baseline-tree given")
+    problem = tree_problem(options.tree)
+    if problem is not None:
+        return Skipped(GATEWAY_BASELINE, problem)
+    return start_gateway(options, upstream, database_url, tmp, log_dir)
 
 
 NGINX_CONF: Final = """\
