@@ -21,7 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.appkeys import CONFIG, CONTEXT, UPSTREAM
 from gateway.cache import Lookup
-from gateway.errors import UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from gateway.forwarding import relay_headers, upstream_target
 from gateway.organizations import ANY_ROLE, authorize_member
 from gateway.upstream import UpstreamBroke, UpstreamClient
@@ -61,7 +61,7 @@ class ModelListings:
             self._fetch,
             ttl_seconds=ttl_seconds,
             stale_seconds=ttl_seconds * STALE_FACTOR,
-            stale_on=(UpstreamUnreachable, UpstreamTimeout),
+            stale_on=(UpstreamUnreachable, UpstreamTimeout, UpstreamProtocolError),
             maxsize=256,
         )
 

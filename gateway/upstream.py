@@ -7,14 +7,23 @@ a request it already holds in full to one origin, and hand back the response's s
 headers and body bytes as they arrive, unchanged. This module does that and no more:
 
 - one TCP (or TLS) connection per request in flight, kept alive and reused LIFO;
-- the request goes out in one write; the response head is parsed here, the body is
+- the request goes out in one write; the response is parsed as it comes, the body
   de-framed (Content-Length, chunked, or until close) and queued, with back-pressure;
 - three deadlines: connecting, the response head, and silence mid-body;
 - a request on a reused connection that dies before any response byte is retried once
   on a new connection, for idempotent methods only (RFC 9112 §9.3.1), as aiohttp does.
 
-Errors the caller sees: `UpstreamUnreachable` (502) and `UpstreamTimeout` (504) before
-the head, `UpstreamBroke` after it.
+Parsing is llhttp's (through `httptools`, the parser aiohttp and uvicorn are built on), in
+its strict mode, and what it hands over is then held to RFC 9110's grammar here, because
+the proxy relays the status line and the headers as they came. llhttp itself takes a
+NUL or DEL in the reason phrase, a status of 099 or 600, HTTP/0.9 and HTTP/2.0, any
+number of interim responses, a body on a 1xx, and it has no limit on a head's size, its
+lines or its headers; those are refused here, with aiohttp's limits (8190 bytes a line,
+128 headers). A response that breaks the protocol is never relayed and its connection
+never reused.
+
+Errors the caller sees: `UpstreamUnreachable` (502), `UpstreamProtocolError` (502) and
+`UpstreamTimeout` (504) before the head, `UpstreamBroke` after it.
 """
 
 from __future__ import annotations
@@ -30,17 +39,25 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import aiohappyeyeballs
+import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.errors import UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CONNECT_TIMEOUT_SECONDS = 10.0
 # RFC 8305's recommended wait before racing the next address.
 HAPPY_EYEBALLS_DELAY_SECONDS = 0.25
-# A head longer than this is not one OpenRouter sends.
+# A head longer than this is not one OpenRouter sends (interim heads count towards it).
 MAX_HEAD_BYTES = 64 * 1024
-MAX_CHUNK_SIZE_LINE = 4096
+# aiohttp's limits: the gateway relays no head that aiohttp's own client would refuse.
+MAX_LINE_BYTES = 8190
+MAX_HEADERS = 128
+# OpenRouter sends no interim response (100 Continue, 103 Early Hints); an upstream that
+# sends many is looping, not informing.
+MAX_INTERIM_RESPONSES = 10
+# Exabytes, past any body; llhttp itself takes up to 2**64 - 1.
+MAX_LENGTH_DIGITS = 18
 # Stop reading from the upstream while this much of its body waits for the client.
 PAUSE_AT_BYTES = 256 * 1024
 # An idle connection older than this is closed rather than reused: servers drop idle
@@ -52,8 +69,19 @@ DNS_TTL_SECONDS = 300.0
 
 _UNREACHABLE = "The gateway could not reach OpenRouter; retry shortly."
 _NO_ANSWER = "OpenRouter did not answer in time; retry shortly."
+_UNREADABLE = "OpenRouter sent a response the gateway could not read; retry shortly."
 # Responses that never have a body, whatever their headers say (RFC 9112 §6.3).
 NO_BODY_STATUSES = frozenset({204, 304})
+_VERSIONS = frozenset({"1.0", "1.1"})
+_FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+# RFC 9110 §5.6.2's tchar, and §5.5's field-vchar (VCHAR and obs-text), SP and HTAB, which
+# are also the reason phrase's (RFC 9112 §4); the LF is what the fields are joined with.
+_TOKEN_BYTES_LF = b"\n!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_TEXT_BYTES = b"\t " + bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
+_TEXT_BYTES_LF = b"\n" + _TEXT_BYTES
+# Where the response to the request in flight is: waiting for its final head, in its
+# body, ended, or broken; idle before the first request.
+_IDLE, _HEAD, _BODY, _DONE, _BROKEN = "idle", "head", "body", "done", "broken"
 
 
 class UpstreamBroke(Exception):
@@ -135,8 +163,22 @@ class UpstreamResponse:
         self._conn.abort()
 
 
+class _Refused(Exception):
+    """Raised in a parser callback: the response breaks the protocol (the message says how)."""
+
+
+class _Stray(Exception):
+    """Raised in a parser callback: bytes follow the end of the response."""
+
+
+_OUR_EXCEPTIONS = (_Refused, _Stray)
+
+
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection, parsing the response to the request in flight on it."""
+    """One keep-alive connection, parsing the response to the request in flight on it.
+
+    It is its llhttp parser's callback object too: the `on_*` methods.
+    """
 
     def __init__(self, client: UpstreamClient) -> None:
         self._client = client
@@ -151,7 +193,9 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._last_data = 0.0
         self.chunks: collections.deque[bytes] = collections.deque()
+        self._parser_spent = True
         self._reset(head_request=False)
+        self._phase = _IDLE
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -160,19 +204,30 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_waiter is None and self._framing == "head":
-            # Bytes nobody asked for (on an idle connection): the stream is out of step.
+        phase = self._phase
+        if phase == _BODY:
+            self._last_data = self._loop.time()
+            if self._chunked:
+                # Chunk lines and trailers hold no body byte, and httptools keeps a trailer
+                # line whole until it ends: what may come between body bytes is bounded.
+                self._starved += len(data)
+            self._feed(data)
+            if self._starved > MAX_HEAD_BYTES and self._phase == _BODY:
+                self._fail(UpstreamBroke("The upstream sent too much without a body byte."))
+            return
+        if phase != _HEAD:
+            # Bytes nobody asked for (on an idle connection, or after the response's
+            # end): the stream is out of step.
+            self._keep_alive = False
             self.abort()
             return
         self.received_any = True
         self._last_data = self._loop.time()
-        try:
-            if self._framing == "head":
-                self._feed_head(data)
-            else:
-                self._feed_body(data)
-        except UpstreamBroke as exc:
-            self._fail(exc)
+        self._head_fed += len(data)
+        self._feed(data)
+        if self._phase == _HEAD and self._head_fed > MAX_HEAD_BYTES:
+            # An unfinished head: llhttp has no limit of its own, httptools buffers a line.
+            self._misspoke(_Refused("a response head longer than MAX_HEAD_BYTES"))
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows
@@ -183,10 +238,11 @@ class _Connection(asyncio.Protocol):
         self._cancel_timers()
         if self._head_waiter is not None and not self._head_waiter.done():
             self._head_waiter.set_exception(_LostBeforeHead(str(exc) if exc else "closed"))
-        elif self._framing == "close" and exc is None:
-            self._end_body()  # a body delimited by the connection's end
-        elif self._framing in ("length", "chunked", "close"):
-            self._fail(UpstreamBroke("The upstream closed the connection mid-response."))
+        elif self._phase == _BODY:
+            if exc is None and self._close_delimited:
+                self._end_body()  # a body delimited by the connection's end
+            else:
+                self._fail(UpstreamBroke("The upstream closed the connection mid-response."))
 
     def pause_writing(self) -> None:
         pass  # the request is written in full at once; the transport buffers the rest
@@ -230,12 +286,24 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self, *, head_request: bool) -> None:
         """Parsing state for the next response."""
-        self._is_head_request = head_request
-        self._buffer = b""
+        if self._parser_spent:
+            self._parser = httptools.HttpResponseParser(self)
+        # llhttp starts each message afresh, but after a HEAD's response it still waits for
+        # that response's body. (A connection whose response broke is never reused.)
+        self._parser_spent = head_request
+        self._head_only = head_request
+        self._phase = _HEAD
+        self._tail = b""  # the last bytes fed of a HEAD's response, for _feed_up_to_head
+        self._reason = b""
+        self._names: list[bytes] = []
+        self._values: list[bytes] = []
+        self._interims = 0
+        self._interim_bytes = 0
+        self._head_fed = 0  # bytes received while the final head was not complete
+        self._chunked = False
+        self._close_delimited = False
+        self._starved = 0  # bytes received since the last body byte, when chunked
         self.received_any = False
-        self._framing: str = "head"  # head, length, chunked, close, done
-        self._chunk_state = "size"  # size, data, data_end, trailers
-        self._remaining = 0  # bytes left: of a Content-Length body or of a chunk
         self.chunks.clear()
         self._queued = 0
         self._error: Exception | None = None
@@ -249,151 +317,220 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(UpstreamTimeout(_NO_ANSWER))
         self.abort()
 
-    # -- the response head -----------------------------------------------------------
+    # -- parsing ---------------------------------------------------------------------
 
-    def _feed_head(self, data: bytes) -> None:
-        buffer = self._buffer + data if self._buffer else data
-        end = buffer.find(b"\r\n\r\n")
-        if end > MAX_HEAD_BYTES or (end == -1 and len(buffer) > MAX_HEAD_BYTES):
-            raise UpstreamBroke("The upstream sent a response head that is too long.")
-        if end == -1:
-            self._buffer = buffer
+    def _feed(self, data: bytes) -> None:
+        try:
+            if self._head_only and self._phase == _HEAD:
+                self._feed_up_to_head(data)
+            else:
+                self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # httptools makes a callback's own exception the context of its error.
+            cause = exc.__context__
+            if isinstance(exc, httptools.HttpParserCallbackError):
+                if not isinstance(cause, _OUR_EXCEPTIONS):
+                    raise  # a bug in a callback, not the upstream's doing: let it be seen
+            else:
+                cause = exc
+            self._misspoke(cause)
             return
-        self._buffer = b""
-        version, status, reason, headers = _parse_head(buffer[:end])
-        rest = buffer[end + 4 :]
-        if 100 <= status < 200:
-            if status == 101:
-                raise UpstreamBroke("The upstream switched protocols.")
-            # An interim response (100 Continue, 103 Early Hints): the real one follows.
-            if rest:
-                self._feed_head(rest)
+        if self._phase == _BODY and self._idle_timer is None:
+            self._watch_idle()
+
+    def _feed_up_to_head(self, data: bytes) -> None:
+        """Feed the response to a HEAD up to the end of its final head, never past it.
+
+        llhttp cannot be told that the request was HEAD: past the head it would take as
+        body the bytes a Content-Length announces, which never come, and so the next
+        response. A head llhttp accepts ends at its first CRLFCRLF (a bare CR or LF it
+        refuses), and a 1xx has no body, so the data goes in pieces, each ending at one.
+        """
+        joined = self._tail + data
+        carried = len(self._tail)
+        view = memoryview(data)
+        fed = search = 0
+        while self._phase == _HEAD:
+            end = joined.find(b"\r\n\r\n", search)
+            if end == -1:
+                self._parser.feed_data(view[fed:])
+                self._tail = joined[-3:]  # a CRLFCRLF may span two reads
+                return
+            search = end + 4
+            self._parser.feed_data(view[fed : search - carried])
+            fed = search - carried
+        if fed < len(data):
+            self._misspoke(_Stray("bytes after the head of a response to HEAD"))
+
+    def _misspoke(self, cause: BaseException) -> None:
+        """The response broke the protocol (or bytes followed it): drop the connection."""
+        self._keep_alive = False
+        phase = self._phase
+        if phase == _HEAD:
+            self._phase = _BROKEN
+            error = UpstreamProtocolError(_UNREADABLE)
+            error.__cause__ = cause
+            waiter = self._head_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+            self.abort()
+        elif phase == _BODY:
+            broke = UpstreamBroke(f"The upstream sent a malformed response body: {cause}")
+            broke.__cause__ = cause
+            self._fail(broke)
+        else:  # after the response's end, which stands
+            self.abort()
+
+    # -- llhttp's callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._phase != _HEAD:
+            # llhttp goes on to the next message; on this connection there is none yet.
+            raise _Stray("bytes after the end of the response")
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status  # in pieces when the status line spans two reads
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._phase == _HEAD:  # else a trailer: read, never relayed
+            self._names.append(name)
+            self._values.append(value)
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if status < 200:
+            self._interim(status)
             return
-        if version == "HTTP/1.0" and "keep-alive" not in headers.get("Connection", "").lower():
-            self._keep_alive = False
-        content_length = self._choose_framing(status, headers)
+        # llhttp takes any three digits, and any version of one digit each.
+        if status > 599:
+            raise _Refused(f"status {status}")
+        version = parser.get_http_version()
+        if version not in _VERSIONS:
+            raise _Refused(f"HTTP/{version}")
+        if self._head_fed > MAX_LINE_BYTES:
+            self._check_size()  # else no line, nor the head, can be too long
+        reason = self._reason
+        if reason.translate(None, _TEXT_BYTES):
+            raise _Refused("a byte outside the reason phrase's grammar")
+        headers = self._headers()
+        lengths = headers.getall("Content-Length", None)
+        content_length = None if lengths is None else _content_length(lengths)
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._head_only or status in NO_BODY_STATUSES:
+            # llhttp knows 204 and 304 have no body; HEAD it cannot know.
+            content_length = None
+        else:
+            codings = headers.getall("Transfer-Encoding", None)
+            if codings is not None:
+                final = ",".join(codings).rsplit(",", 1)[-1].strip(" \t").lower()
+                self._chunked = final == "chunked"
+            self._close_delimited = not self._chunked and content_length is None
         waiter, self._head_waiter = self._head_waiter, None
         assert waiter is not None
-        response = UpstreamResponse(self, status, reason, headers, content_length)
+        response = UpstreamResponse(
+            self, status, reason.decode("utf-8", "surrogateescape"), headers, content_length
+        )
         if not waiter.done():
             waiter.set_result(response)
-        if self._framing == "done":
+        if self._head_only:
+            self._keep_alive = _persistent(version, headers)
             self._end_body()
-            if rest:
-                self._keep_alive = False  # bytes after a body-less response: out of step
-        elif rest:
-            self._feed_body(rest)
-        if not self.body_done:
-            self._watch_idle()
+        else:
+            self._phase = _BODY  # llhttp ends it (on_message_complete), or the close does
 
-    def _choose_framing(self, status: int, headers: CIMultiDictProxy[str]) -> int | None:
-        """How the body is delimited (RFC 9112 §6.3); the Content-Length when it is one."""
-        connection = ",".join(headers.getall("Connection", ())).lower()
-        if "close" in connection:
-            self._keep_alive = False
-        if self._is_head_request or status in NO_BODY_STATUSES:
-            self._framing = "done"
-            return None
-        codings = ",".join(headers.getall("Transfer-Encoding", ())).lower()
-        if codings:
-            if codings.rsplit(",", 1)[-1].strip() == "chunked":
-                self._framing = "chunked"
-            else:
-                self._framing, self._keep_alive = "close", False
-            return None
-        lengths = {v.strip() for v in headers.getall("Content-Length", ())}
-        if not lengths:
-            self._framing, self._keep_alive = "close", False
-            return None
-        if len(lengths) != 1 or not _is_ascii_digits(next(iter(lengths))):
-            raise UpstreamBroke("The upstream sent an invalid Content-Length.")
-        self._remaining = int(next(iter(lengths)))
-        self._framing = "length" if self._remaining else "done"
-        return self._remaining
-
-    # -- the body --------------------------------------------------------------------
-
-    def _feed_body(self, data: bytes) -> None:
-        framing = self._framing
-        if framing == "length":
-            if len(data) >= self._remaining:
-                if len(data) > self._remaining:
-                    data, self._keep_alive = data[: self._remaining], False
-                self._remaining = 0
-                self._queue(data)
-                self._end_body()
-            else:
-                self._remaining -= len(data)
-                self._queue(data)
-        elif framing == "chunked":
-            self._feed_chunked(data)
-        elif framing == "close":
-            self._queue(data)
-        else:  # "done": bytes after the end of the body
-            self._keep_alive = False
-            self.abort()
-
-    def _feed_chunked(self, data: bytes) -> None:
-        buffer = self._buffer + data if self._buffer else data
-        self._buffer = b""
-        position, size = 0, len(buffer)
-        while position < size:
-            state = self._chunk_state
-            if state == "data":
-                take = min(self._remaining, size - position)
-                self._queue(buffer[position : position + take])
-                position += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._chunk_state = "data_end"
-                continue
-            end = buffer.find(b"\r\n", position)
-            if end == -1:
-                if size - position > MAX_CHUNK_SIZE_LINE:
-                    raise UpstreamBroke("The upstream sent a malformed chunk.")
-                self._buffer = buffer[position:]
-                return
-            line = buffer[position:end]
-            position = end + 2
-            if state == "size":
-                self._remaining = _chunk_size(line)
-                self._chunk_state = "data" if self._remaining else "trailers"
-            elif state == "data_end":
-                if line:
-                    raise UpstreamBroke("The upstream sent a malformed chunk.")
-                self._chunk_state = "size"
-            elif not line:  # the blank line after the (ignored) trailers
-                self._framing = "done"
-                self._end_body()
-                if position < size:
-                    self._keep_alive = False
-                return
-
-    def _queue(self, data: bytes) -> None:
-        if not data:
-            return
-        self.chunks.append(data)
-        self._queued += len(data)
+    def on_body(self, body: bytes) -> None:
+        self._starved = 0
+        self.chunks.append(body)
+        self._queued += len(body)
         if self._queued > PAUSE_AT_BYTES and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
 
+    def on_message_complete(self) -> None:
+        # Else an interim response's end, or llhttp's end of a HEAD's response (ended here).
+        if self._phase == _BODY:
+            self._keep_alive = self._parser.should_keep_alive()
+            self._end_body()
+
+    def _interim(self, status: int) -> None:
+        """An interim response (100 Continue, 103 Early Hints): dropped; the final one follows."""
+        if status < 100:
+            raise _Refused(f"status {status}")
+        if status == 101:
+            raise _Refused("a switch of protocols")
+        self._interims += 1
+        if self._interims > MAX_INTERIM_RESPONSES:
+            raise _Refused("more than MAX_INTERIM_RESPONSES interim responses")
+        if len(self._names) > MAX_HEADERS:
+            raise _Refused("more than MAX_HEADERS header lines")
+        # A 1xx ends with its head (RFC 9110 §15.2); llhttp would read the body a
+        # Content-Length announced on one.
+        if any(name.lower() in _FRAMING_HEADERS for name in self._names):
+            raise _Refused("body framing on an interim response")
+        if self._head_fed > MAX_LINE_BYTES:
+            self._check_size()
+        self._interim_bytes += self._head_size()[0]
+        self._reason, self._names, self._values = b"", [], []
+
+    def _head_size(self) -> tuple[int, int]:
+        """The head's size and its longest line, less the whitespace llhttp drops."""
+        lines = [
+            len(name) + 2 + len(value)
+            for name, value in zip(self._names, self._values, strict=True)
+        ]
+        lines.append(len(b"HTTP/1.1 200 ") + len(self._reason))
+        return sum(lines) + 2 * len(lines) + 2, max(lines)
+
+    def _check_size(self) -> None:
+        size, longest = self._head_size()
+        if longest > MAX_LINE_BYTES:
+            raise _Refused("a head line longer than MAX_LINE_BYTES")
+        if self._interim_bytes + size > MAX_HEAD_BYTES:
+            raise _Refused("a response head longer than MAX_HEAD_BYTES")
+
+    def _headers(self) -> CIMultiDictProxy[str]:
+        """The head's fields, held to RFC 9110's grammar, and decoded."""
+        names, values = self._names, self._values
+        if not names:
+            return CIMultiDictProxy(CIMultiDict())
+        if len(names) > MAX_HEADERS:
+            raise _Refused("more than MAX_HEADERS header lines")
+        # Joined by a byte no field may hold, all the fields are checked and decoded in a
+        # few calls, however many there are.
+        joined_names = b"\n".join(names)
+        joined_values = b"\n".join(values)
+        if joined_names.translate(None, _TOKEN_BYTES_LF) or joined_values.translate(
+            None, _TEXT_BYTES_LF
+        ):
+            raise _Refused("a byte outside the field grammar in a header")
+        name_list = joined_names.decode("ascii").split("\n")
+        value_text = joined_values.decode("utf-8", "surrogateescape")
+        value_list = value_text.split("\n")
+        if len(name_list) != len(names) or len(value_list) != len(values) or "" in name_list:
+            raise _Refused("a line break in a header, or an empty name")
+        if " \n" in value_text or "\t\n" in value_text or value_text[-1:] in " \t":
+            # llhttp drops the whitespace before a value, not after it.
+            value_list = [value.rstrip(" \t") for value in value_list]
+        # multidict takes a list faster than any other iterable.
+        return CIMultiDictProxy(CIMultiDict(list(zip(name_list, value_list, strict=True))))
+
+    # -- the body --------------------------------------------------------------------
+
     def _end_body(self) -> None:
-        self._framing = "done"
+        self._phase = _DONE
         self.body_done = True
         self._cancel_timers()
         self._wake()
 
     def _fail(self, error: Exception) -> None:
+        """The body broke off: `read_chunk` raises `error` once the queue is drained."""
         if self._error is None and not self.body_done:
             self._error = error
-        waiter = self._head_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
+            self._phase = _BROKEN  # so that the close to come does not end the body
         self._wake()
         self.abort()
 
@@ -484,33 +621,23 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-def _parse_head(head: bytes) -> tuple[str, int, str, CIMultiDictProxy[str]]:
-    """Version, status, reason and headers of a response head (before the blank line)."""
-    lines = head.decode("utf-8", "surrogateescape").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or len(code) != 3 or not _is_ascii_digits(code):
-        raise UpstreamBroke("The upstream sent something that is not an HTTP/1.1 response.")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip() or line[0] in " \t":
-            raise UpstreamBroke("The upstream sent a malformed header.")
-        headers.add(name, value.strip(" \t"))
-    return version, int(code), reason, CIMultiDictProxy(headers)
+def _content_length(lengths: list[str]) -> int:
+    """The one Content-Length, read strictly (RFC 9110 §8.6)."""
+    length = lengths[0]
+    # llhttp refuses a repeated field, but takes any number of digits its counter holds.
+    if len(lengths) > 1 and any(other != length for other in lengths):
+        raise _Refused("differing Content-Lengths")
+    if not (length.isascii() and length.isdigit() and len(length) <= MAX_LENGTH_DIGITS):
+        raise _Refused("an invalid Content-Length")
+    return int(length)
 
 
-def _is_ascii_digits(text: str) -> bool:
-    # str.isdigit() also takes fullwidth and superscript digits, which int() reads
-    # differently or not at all.
-    return text.isascii() and text.isdigit()
-
-
-def _chunk_size(line: bytes) -> int:
-    size = line.partition(b";")[0].strip()
-    if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
-        raise UpstreamBroke("The upstream sent a malformed chunk size.")
-    return int(size, 16)
+def _persistent(version: str, headers: CIMultiDictProxy[str]) -> bool:
+    """Whether the connection stays open after the response (RFC 9112 §9.3)."""
+    options = {
+        o.strip(" \t") for o in ",".join(headers.getall("Connection", ())).lower().split(",")
+    }
+    return "close" not in options and (version == "1.1" or "keep-alive" in options)
 
 
 class UpstreamClient:
@@ -561,11 +688,10 @@ class UpstreamClient:
                     retry, conn = False, None
                     continue
                 raise UpstreamUnreachable(_UNREACHABLE) from exc
-            except UpstreamBroke as exc:
-                raise UpstreamUnreachable(_UNREACHABLE) from exc
             except BaseException:
-                # Cancelled (the client went away), timed out, or a header we cannot
-                # send: closing the connection is also what tells the upstream to stop.
+                # Cancelled (the client went away), timed out, a response that broke the
+                # protocol, or a header we cannot send: closing the connection is also
+                # what tells the upstream to stop.
                 conn.abort()
                 raise
 

@@ -18,9 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from gateway.errors import UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from gateway.upstream import (
     MAX_HEAD_BYTES,
+    MAX_HEADERS,
+    MAX_INTERIM_RESPONSES,
+    MAX_LINE_BYTES,
     PAUSE_AT_BYTES,
     Origin,
     UpstreamBroke,
@@ -162,6 +165,27 @@ async def read_body(response: UpstreamResponse) -> bytes:
     return b"".join(pieces)
 
 
+async def assert_protocol_error(
+    client: UpstreamClient, server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The request fails with a 502 upstream_protocol_error and its connection is closed."""
+    try:
+        response = await client.request("GET", "/", [], b"")
+    except UpstreamProtocolError as exc:
+        assert (exc.status, exc.reason) == (502, "upstream_protocol_error")
+        assert (
+            exc.message == "OpenRouter sent a response the gateway could not read; retry shortly."
+        )
+    else:
+        response.close()
+        pytest.fail(
+            f"relayed a broken head: {response.status} {response.reason!r} {response.headers!r}"
+        )
+    await eventually(lambda: server.closed_by_client == 1)
+    # Refused by the parser, not by an exception escaping into the event loop.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 @pytest.fixture
 async def serve() -> AsyncIterator[Callable[..., Awaitable[FakeServer]]]:
     servers: list[FakeServer] = []
@@ -206,7 +230,7 @@ CHUNKED_RESPONSE = (
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
     b"5;a=b\r\nhello\r\n"
     b"1A\r\nabcdefghijklmnopqrstuvwxyz\r\n"
-    b'00a ; x="y"\r\n0123456789\r\n'
+    b'00a;x="y"\r\n0123456789\r\n'
     b"0;last=1\r\nX-Trailer: yes\r\nOther: 2\r\n\r\n"
 )
 CHUNKED_BODY = b"hello" + b"abcdefghijklmnopqrstuvwxyz" + b"0123456789"
@@ -267,13 +291,9 @@ async def test_interim_100_and_103_are_skipped(serve, make_client, separate_writ
     assert await read_body(response) == b"final"
 
 
-async def test_101_switching_protocols_is_an_error(serve, make_client):
+async def test_101_switching_protocols_is_a_protocol_error(serve, make_client, caplog):
     server = await serve(reply(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"))
-    client = make_client(server.port)
-    with pytest.raises(UpstreamUnreachable) as caught:
-        await client.request("GET", "/", [], b"")
-    assert caught.value.status == 502
-    await eventually(lambda: server.closed_by_client == 1)
+    await assert_protocol_error(make_client(server.port), server, caplog)
 
 
 # -- malformed responses -----------------------------------------------------------------
@@ -318,19 +338,9 @@ LONG_HEAD = H200 + b"X: " + b"a" * (MAX_HEAD_BYTES + 100)
         ),
     ],
 )
-async def test_malformed_head_is_unreachable(serve, make_client, caplog, head):
+async def test_malformed_head_is_a_protocol_error(serve, make_client, caplog, head):
     server = await serve(reply(head))
-    client = make_client(server.port)
-    try:
-        response = await client.request("GET", "/", [], b"")
-    except UpstreamUnreachable:
-        pass
-    else:
-        response.close()
-        pytest.fail(f"accepted a malformed head as status {response.status}")
-    await eventually(lambda: server.closed_by_client == 1)
-    # Refused by the parser, not by an exception escaping into the event loop.
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    await assert_protocol_error(make_client(server.port), server, caplog)
 
 
 @pytest.mark.parametrize("same_write", [True, False])
@@ -353,6 +363,227 @@ async def test_malformed_chunked_body_breaks_read_chunk(serve, make_client, body
     with pytest.raises(UpstreamBroke):
         await read_body(response)
     await eventually(lambda: server.closed_by_client == 1)
+
+
+# -- protocol violations: llhttp's refusals and RFC 9110's grammar on top ----------------
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+EVIL_VALUE = b"X-Evil: a\nSet-Cookie: session=evil"
+
+
+def head_with(*lines: bytes, status: bytes = b"200 OK") -> bytes:
+    """A response with these header lines and a two-byte body."""
+    return b"".join([b"HTTP/1.1 " + status + b"\r\n", *(line + b"\r\n" for line in lines)]) + (
+        b"Content-Length: 2\r\n\r\nok"
+    )
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        # With the hand-written parser before llhttp, most of these reached the client and
+        # some were a traceback.
+        case(head_with(EVIL_VALUE), id="bare-lf-header-injection"),
+        case(head_with(b"X-Evil: a\rSet-Cookie: session=evil"), id="bare-cr-in-value"),
+        case(head_with(b"X-Evil: a\x00b"), id="nul-in-value"),
+        case(head_with(b"X-Evil: a\x7fb"), id="del-in-value"),
+        case(head_with(b"X-Evil: a\x1bb"), id="escape-in-value"),
+        case(head_with(status=b"200 OK\nSet-Cookie: session=evil"), id="bare-lf-in-reason"),
+        case(head_with(status=b"200 O\x00K"), id="nul-in-reason"),
+        case(head_with(status=b"200 O\x7fK"), id="del-in-reason"),
+        case(head_with(status=b"099 Early"), id="status-099"),
+        case(head_with(status=b"000 Zero"), id="status-000"),
+        case(head_with(status=b"600 Beyond"), id="status-600"),
+        case(head_with().replace(b"HTTP/1.1", b"HTTP/2.0"), id="http-2.0"),
+        case(head_with().replace(b"HTTP/1.1", b"HTTP/0.9"), id="http-0.9"),
+        case(CONTINUE * 2000 + ok(b"late"), id="2000-interim-heads-in-one-write"),
+        case(CONTINUE * (MAX_INTERIM_RESPONSES + 1) + ok(), id="one-interim-head-too-many"),
+        case(
+            b"HTTP/1.1 199 Odd\r\nContent-Length: 2\r\n\r\nab" + ok(),
+            id="interim-head-with-a-body",
+        ),
+        case(H200 + b"Content-Length: " + b"1" * 5000 + b"\r\n\r\n", id="cl-5000-digits"),
+        case(H200 + b"Content-Length: " + b"1" * 19 + b"\r\n\r\n", id="cl-19-digits"),
+        case(H200 + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\nok!", id="cl-two-values"),
+        case(H200 + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\nok", id="cl-repeated"),
+        case(
+            head_with(*(b"X-%d: v" % i for i in range(MAX_HEADERS))),  # and Content-Length
+            id="129-header-lines",
+        ),
+        case(head_with(b"X-Long: " + b"a" * 9000), id="9000-byte-header-line"),
+        case(
+            head_with(b"X-Long: " + b"a" * (MAX_LINE_BYTES - len(b"X-Long: ") + 1)),
+            id="8191-byte-header-line",
+        ),
+        case(head_with(status=b"200 " + b"O" * MAX_LINE_BYTES), id="long-status-line"),
+        case(
+            head_with(*(b"X-%d: %s" % (i, b"a" * 8000) for i in range(9))),
+            id="head-over-64-kib-in-short-lines",
+        ),
+        case(
+            H200 + b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n0\r\n\r\n",
+            id="cl-and-te",
+        ),
+    ],
+)
+async def test_protocol_violation_in_the_head_is_refused_and_the_connection_dropped(
+    serve, make_client, caplog, response
+):
+    server = await serve(reply(response), reply(ok(b"next")))
+    client = make_client(server.port)
+    await assert_protocol_error(client, server, caplog)
+    # The next request goes out on a new connection and is answered.
+    assert await read_body(await client.request("GET", "/", [], b"")) == b"next"
+    assert server.accepted == 2
+
+
+async def test_protocol_violation_split_into_many_reads_is_refused(serve, make_client, caplog):
+    evil = head_with(b"X-A: 1", EVIL_VALUE)
+    server = await serve(reply(*(evil[i : i + 3] for i in range(0, len(evil), 3))))
+    await assert_protocol_error(make_client(server.port), server, caplog)
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        case(head_with(*(b"X-%d: v" % i for i in range(MAX_HEADERS - 1))), id="128-headers"),
+        case(
+            head_with(b"X-Long: " + b"a" * (MAX_LINE_BYTES - len(b"X-Long: "))),
+            id="8190-byte-line",
+        ),
+        case(CONTINUE * MAX_INTERIM_RESPONSES + head_with(), id="10-interim-heads"),
+        case(H200 + b"Content-Length: 000000000000000002\r\n\r\nok", id="cl-18-digits"),
+        case(head_with(status=b"599 Last"), id="status-599"),
+        case(head_with(status=b"200 "), id="empty-reason"),
+        case(head_with(status=b"200"), id="no-reason"),
+        case(head_with().replace(b"HTTP/1.1", b"HTTP/1.0"), id="http-1.0"),
+    ],
+)
+async def test_heads_at_the_limits_are_accepted(serve, make_client, response):
+    server = await serve(reply(response))
+    client = make_client(server.port)
+    answer = await client.request("GET", "/", [], b"")
+    assert answer.content_length == 2
+    assert await read_body(answer) == b"ok"
+
+
+async def test_fields_are_decoded_as_they_came_less_surrounding_whitespace(serve, make_client):
+    response = head_with(
+        b"X-Padded: \t a  b \t ",
+        b"X-Empty:",
+        b"X-Utf8: caf\xc3\xa9",
+        b"X-Obs-Text: \xff\xfe",
+        b"x-padded:last ",
+        status=b"200 Tr\xc3\xa8s\tbien",
+    )
+    server = await serve(reply(response))
+    client = make_client(server.port)
+    answer = await client.request("GET", "/", [], b"")
+    assert answer.reason == "Tr\u00e8s\tbien"
+    assert answer.headers.getall("X-Padded") == ["a  b", "last"]
+    assert answer.headers["X-Empty"] == ""
+    assert answer.headers["X-Utf8"] == "caf\u00e9"
+    # Not UTF-8: kept as surrogates, so the proxy sends the same bytes on.
+    assert answer.headers["X-Obs-Text"].encode("utf-8", "surrogateescape") == b"\xff\xfe"
+    assert list(answer.headers)[:2] == ["X-Padded", "X-Empty"]
+    assert await read_body(answer) == b"ok"
+
+
+async def test_trailers_are_read_and_never_become_headers(serve, make_client):
+    response = HEAD_CHUNKED + b"2\r\nok\r\n0\r\nSet-Cookie: session=evil\r\nX-T: 1\r\n\r\n"
+    server = await serve(reply(response), reply(ok(b"next")))
+    client = make_client(server.port)
+    answer = await client.request("GET", "/", [], b"")
+    assert await read_body(answer) == b"ok"
+    assert "Set-Cookie" not in answer.headers and "X-T" not in answer.headers
+    assert await read_body(await client.request("GET", "/", [], b"")) == b"next"
+    assert server.accepted == 1
+
+
+async def test_an_endless_trailer_breaks_the_body(serve, make_client):
+    start = HEAD_CHUNKED + b"2\r\nok\r\n0\r\nX-Trailer: "
+    server = await serve(reply(start, *(b"a" * 16384 for _ in range(8))))
+    client = make_client(server.port)
+    answer = await client.request("GET", "/", [], b"")
+    assert await answer.read_chunk() == b"ok"
+    with pytest.raises(UpstreamBroke):
+        await read_body(answer)
+    await eventually(lambda: server.closed_by_client == 1)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        case(b'5 ; x="y"\r\nhello\r\n0\r\n\r\n', id="whitespace-before-extension"),
+        case(b"5\nhello\r\n0\r\n\r\n", id="bare-lf-after-size"),
+        case(b"5\r\nhello\n0\r\n\r\n", id="bare-lf-after-data"),
+        case(b"5\r\nhello\r\n0\r\nX-T: a\nb\r\n\r\n", id="bare-lf-in-trailer"),
+    ],
+)
+async def test_chunked_framing_llhttp_refuses_breaks_the_body(serve, make_client, body):
+    server = await serve(reply(HEAD_CHUNKED + body))
+    client = make_client(server.port)
+    answer = await client.request("GET", "/", [], b"")
+    with pytest.raises(UpstreamBroke):
+        await read_body(answer)
+    await eventually(lambda: server.closed_by_client == 1)
+
+
+# -- HEAD: llhttp does not know the request was HEAD --------------------------------------
+
+HEAD_FIVE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+
+
+async def test_head_response_split_at_every_byte_after_interim_heads_is_reused(serve, make_client):
+    # llhttp skips a CRLF between messages: a CRLFCRLF that ends no head.
+    whole = CONTINUE + b"\r\n" + CONTINUE + HEAD_FIVE
+    splits = range(len(whole) + 1)
+    server = await serve(*(r for i in splits for r in (reply(whole[:i], whole[i:]), reply(ok()))))
+    client = make_client(server.port)
+    for split in splits:
+        answer = await client.request("HEAD", "/", [], b"")
+        assert (answer.status, answer.headers["Content-Length"]) == (200, "5"), split
+        assert answer.content_length is None
+        assert await read_body(answer) == b"", split
+        assert await read_body(await client.request("GET", "/", [], b"")) == b"ok", split
+    assert server.accepted == 1
+
+
+@pytest.mark.parametrize("same_write", [True, False])
+@pytest.mark.parametrize(
+    ("head", "stray"),
+    [
+        case(HEAD_FIVE, b"hello", id="the-body-it-announced"),
+        case(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"EXTRA", id="content-length-0"),
+        case(HEAD_CHUNKED, b"5", id="chunked-part-of-a-size"),
+        case(b"HTTP/1.1 200 OK\r\n\r\n", b"\r\n", id="no-length-crlf"),
+        case(HEAD_FIVE, ok(b"smuggled", "Set-Cookie: session=evil"), id="a-whole-response"),
+    ],
+)
+async def test_bytes_after_a_head_response_make_the_connection_not_reused(
+    serve, make_client, head, stray, same_write
+):
+    first = reply(head + stray) if same_write else reply(head, stray)
+    server = await serve(first, reply(ok(b"second")))
+    client = make_client(server.port)
+    answer = await client.request("HEAD", "/", [], b"")
+    assert answer.status == 200
+    if not same_write:
+        await asyncio.sleep(0.05)  # the stray bytes arrive before the response is released
+    assert await read_body(answer) == b""
+    second = await client.request("GET", "/", [], b"")
+    assert await read_body(second) == b"second"
+    assert "Set-Cookie" not in second.headers
+    assert server.accepted == 2
+
+
+async def test_a_violation_in_a_head_response_is_a_protocol_error(serve, make_client, caplog):
+    server = await serve(reply(HEAD_FIVE.replace(b"OK", b"OK\nSet-Cookie: session=evil")))
+    client = make_client(server.port)
+    with pytest.raises(UpstreamProtocolError):
+        await client.request("HEAD", "/", [], b"")
+    await eventually(lambda: server.closed_by_client == 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # -- keep-alive --------------------------------------------------------------------------
@@ -456,6 +687,15 @@ async def test_reused_connection_lost_after_part_of_the_head_is_not_retried(serv
     assert (server.accepted, len(server.requests)) == (1, 2)
 
 
+async def test_protocol_error_on_a_reused_connection_is_not_retried(serve, make_client):
+    server = await serve(reply(ok()), reply(head_with(EVIL_VALUE)), reply(ok(b"not asked")))
+    client = make_client(server.port)
+    await read_body(await client.request("GET", "/", [], b""))
+    with pytest.raises(UpstreamProtocolError):
+        await client.request("GET", "/", [], b"")
+    assert (server.accepted, len(server.requests)) == (1, 2)
+
+
 async def test_fresh_connection_lost_before_the_head_is_unreachable_without_retry(
     serve, make_client
 ):
@@ -492,6 +732,22 @@ async def test_silence_mid_body_breaks_read_chunk(serve, make_client):
     assert time.monotonic() - started < 0.6
     response.close()
     await eventually(lambda: server.closed_by_client == 1)
+
+
+async def test_silence_in_a_close_delimited_body_is_not_its_end(serve, make_client):
+    server = await serve(reply(b"HTTP/1.1 200 OK\r\n\r\nabc"))
+    client = make_client(server.port, idle=0.2)
+    response = await client.request("GET", "/", [], b"")
+    assert await response.read_chunk() == b"abc"
+    with pytest.raises(UpstreamBroke):
+        await response.read_chunk()
+    await eventually(lambda: server.closed_by_client == 1)
+    await asyncio.sleep(0.01)  # the close has reached the client too
+    # The close that followed the silence does not make it a whole body.
+    assert not response.complete
+    with pytest.raises(UpstreamBroke):
+        await response.read_chunk()
+    response.close()
 
 
 @pytest.mark.parametrize(
