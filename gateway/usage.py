@@ -12,6 +12,11 @@ past the bound they are appended to a spool file on local disk (`spool.py`), whi
 replayed once the database answers again, or at the next start. Spooled charges still
 count against the organization's balance until they are written.
 
+No disk I/O runs on the event loop: `record` is on the request path and only queues, and
+every spool append (JSON encoding, write, fsync), replay, rejected-row file and rotation
+runs in the ledger's one spool thread. During an outage an fsync of thousands of charges
+on the loop had every open stream wait for the disk.
+
 The writer never dies: an outage backs off and retries, a deadlock retries, and a batch
 the database refuses for its content is written row by row so that only the offending
 row is set aside (in a `rejected-*.jsonl` file, logged) and the rest are charged.
@@ -21,14 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
+import functools
 import itertools
 import json
 import operator
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 import structlog
@@ -36,7 +43,7 @@ import structlog
 from gateway import metrics
 from gateway.database import UNAVAILABLE_ERRORS
 from gateway.rule import MICRODOLLARS_PER_USD
-from gateway.spool import Spool, append_rejected, read_records
+from gateway.spool import Claim, Spool, append_rejected, read_records, release_all
 
 log = structlog.get_logger("gateway.usage")
 
@@ -49,6 +56,11 @@ MAX_MODEL_LENGTH = 300
 ENCODE_SLICE = 128
 # Errors worth retrying as they are: serialization failures and deadlocks.
 _RETRY_SQLSTATE_CLASS = "40"
+# After a spool append failed (a full disk, a permission), wait this long before trying
+# again: the charges are back in the queue meanwhile, nothing is dropped.
+SPILL_RETRY_SECONDS = 1.0
+
+_T = TypeVar("_T")
 
 
 class Charge(NamedTuple):
@@ -129,7 +141,8 @@ def _clamp_tokens(count: int) -> int:
 
 
 def read_spool(path: Path) -> list[Charge]:
-    """The charges in a spool file (a torn last line is skipped)."""
+    """The charges in a spool file (a torn last line is skipped). Blocking: not for the
+    event loop (the ledger replays through its spool thread)."""
     with path.open("r", encoding="utf-8") as f:
         return _charges(read_records(f))
 
@@ -243,19 +256,29 @@ class UsageLedger:
         self._on_charged = on_charged
         self._wake = asyncio.Event()
         self.spool = Spool(spool_dir)
+        # Every call on the spool (and the rejected-row file) runs in this one thread, never
+        # on the event loop. One worker because a Spool is not thread-safe (it holds its open
+        # file and path): one thread runs the calls one at a time, in the order they were
+        # made, even when the task that made one is cancelled while it runs; an asyncio.Lock
+        # would be released on that cancellation and let the next call overlap it.
+        self._disk = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="usage-spool"
+        )
+        # Moves the charges past the bound to the spool; None when no spill is under way.
+        self._spill_task: asyncio.Task[None] | None = None
         # Replay at start: a crashed process may have left spool files.
         self._replay_due = True
         metrics.follow_pending(self)
 
     def record(self, charge: Charge) -> None:
-        """Queue a charge; never blocks and never fails the request."""
+        """Queue a charge; never blocks, never touches the disk, never fails the request."""
         self._pending.append(charge)
         if charge.cost_microdollars:
             self._unwritten_by_org[charge.organization_id] += charge.cost_microdollars
         if len(self._pending) >= self._batch_size:
             self._wake.set()
-        if len(self._pending) > self._max_pending:
-            self._spill()
+        if len(self._pending) > self._max_pending and self._spill_task is None:
+            self._start_spill()
 
     def unwritten_microdollars(self, organization_id: str) -> int:
         """What this process has charged the organization and not yet written."""
@@ -282,17 +305,75 @@ class UsageLedger:
             else:
                 del self._unwritten_by_org[organization_id]
 
-    def _spill(self) -> None:
-        """Move the oldest charges past the bound to the spool file."""
-        self._to_spool(self._pop(len(self._pending) - self._max_pending // 2))
+    def _start_spill(self) -> None:
+        """Have the charges past the bound spooled by a task of their own, off the request.
 
-    def _to_spool(self, charges: list[Charge]) -> None:
-        self.spool.append(c.record() for c in charges)
+        Not by the writer (`run`): during an outage it may wait out a pool's timeout for
+        many seconds, and the queue would grow without bound meanwhile.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a caller without a loop: `run` or `close` spills them
+        self._spill_task = loop.create_task(self._spill(), name="usage-spill")
+
+    async def _spill(self) -> None:
+        """Move the oldest charges past the bound to the spool file, until under it.
+
+        While the spool thread writes, requests go on queueing charges: on a slow disk the
+        queue exceeds the bound for the length of an fsync or so, and the next round takes
+        those too. Charges are never dropped to keep the bound.
+        """
+        try:
+            while len(self._pending) > self._max_pending:
+                try:
+                    await self._to_spool(self._pop(len(self._pending) - self._max_pending // 2))
+                except Exception:
+                    # Back in the queue already (see `_spooled`); the writer may still get
+                    # them to the database.
+                    log.exception("usage_spool_failed", pending=len(self))
+                    await asyncio.sleep(SPILL_RETRY_SECONDS)
+        finally:
+            self._spill_task = None
+
+    async def _to_spool(self, charges: list[Charge]) -> None:
+        """Append the charges to the spool file (encoded and fsynced in the spool thread)."""
+        future = asyncio.get_running_loop().run_in_executor(
+            self._disk, self.spool.append, map(Charge.record, charges)
+        )
+        # The bookkeeping is the future's, not this task's: it runs once the thread is
+        # done even if this task was cancelled meanwhile, so each charge ends up either
+        # noted as spooled or queued again, never lost between the two. It also runs before
+        # this task resumes (callbacks run in the order they were added, shield's last).
+        future.add_done_callback(functools.partial(self._spooled, charges))
+        await asyncio.shield(future)
+
+    def _spooled(self, charges: list[Charge], future: asyncio.Future[Path]) -> None:
+        """The spool thread is done with `charges`: note them as spooled, or queue them
+        again (at the front, still unwritten) if the append failed."""
+        if future.cancelled() or future.exception() is not None:
+            # Some may be in the file anyway: written twice is harmless, the ledger's key
+            # skips the second, and only charges noted here are counted off at replay.
+            self._pending.extendleft(reversed(charges))
+            return
         self._spooled_by_us.update((c.request_id, c) for c in charges)
         # Spilled charges are written back as soon as the database takes a batch again,
         # even when no write failed meanwhile (a pool waiting out the outage).
         self._replay_due = True
-        log.warning("usage_spooled", charges=len(charges), path=str(self.spool.path))
+        log.warning("usage_spooled", charges=len(charges), path=str(future.result()))
+
+    async def wait_spilled(self) -> None:
+        """Wait until no spill is under way and the spool thread is done with what it had
+        (for tests and tools: `record` returns before its spill is on disk)."""
+        while (spill := self._spill_task) is not None:
+            await asyncio.wait([spill])
+        await self._on_disk(_nothing)
+
+    async def _on_disk(self, call: Callable[[], _T]) -> _T:
+        """Run a blocking spool call in the spool thread. Cancelling the caller does not
+        stop the call (a thread cannot be interrupted): it still runs, in its turn."""
+        future = asyncio.get_running_loop().run_in_executor(self._disk, call)
+        return await asyncio.shield(future)
 
     async def flush_once(self, pool: asyncpg.Pool) -> int:
         """Write one batch; return how many charges it took (0 when there were none).
@@ -325,19 +406,42 @@ class UsageLedger:
 
     async def replay_spool(self, pool: asyncpg.Pool) -> int:
         """Write every spool file no live process is writing (ours once rotated), then delete it."""
-        self.spool.rotate()
+        await self._on_disk(self.spool.rotate)
+        claiming = asyncio.get_running_loop().run_in_executor(self._disk, self._claim_charges)
+        try:
+            claims = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            # The thread goes on and claims the files: let them go once it has, or they
+            # stay locked (unreplayable) until the handles are collected.
+            claiming.add_done_callback(self._release_abandoned)
+            raise
         replayed = 0
-        with self.spool.claimed() as files:
-            for path, records in files:
-                charges = _charges(records)
+        try:
+            for claim, charges in claims:
                 for start in range(0, len(charges), self._batch_size):
                     await self._write_or_set_aside(pool, charges[start : start + self._batch_size])
-                path.unlink()
+                await self._on_disk(claim.path.unlink)
                 # Only what this process spooled was counted against balances here.
                 self._written(c for c in charges if self._spooled_by_us.pop(c.request_id, None))
                 replayed += len(charges)
-                log.info("usage_spool_replayed", charges=len(charges), path=str(path))
+                log.info("usage_spool_replayed", charges=len(charges), path=str(claim.path))
+        finally:
+            # In the thread's queue at once, so the locks go back even if this task is
+            # cancelled again while it waits.
+            await self._on_disk(functools.partial(release_all, [claim for claim, _ in claims]))
         return replayed
+
+    def _release_abandoned(
+        self, claiming: asyncio.Future[list[tuple[Claim, list[Charge]]]]
+    ) -> None:
+        """Release the claims of a replay cancelled while the thread was making them."""
+        if not claiming.cancelled() and claiming.exception() is None:
+            self._disk.submit(release_all, [claim for claim, _ in claiming.result()])
+
+    def _claim_charges(self) -> list[tuple[Claim, list[Charge]]]:
+        """The spool files claimed, with their charges (in the spool thread: reading and
+        decoding a spool of thousands of charges is milliseconds of work)."""
+        return [(claim, _charges(claim.records)) for claim in self.spool.claim()]
 
     async def run(self, pool: asyncpg.Pool) -> None:
         """Flush forever: every interval, at once when a batch fills, backing off on trouble."""
@@ -347,6 +451,9 @@ class UsageLedger:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), backoff)
             self._wake.clear()
+            # A failed batch back in the queue can take it past the bound with no new charge.
+            if len(self._pending) > self._max_pending and self._spill_task is None:
+                self._start_spill()
             try:
                 if self._replay_due:
                     await self._replay(pool)
@@ -408,7 +515,9 @@ class UsageLedger:
         except asyncpg.PostgresError as exc:
             if _worth_retrying(exc):
                 raise
-            path = append_rejected(self.spool.directory, [charge.record()])
+            path = await self._on_disk(
+                functools.partial(append_rejected, self.spool.directory, [charge.record()])
+            )
             log.error(
                 "usage_charge_rejected",
                 request_id=charge.request_id,
@@ -425,6 +534,18 @@ class UsageLedger:
             except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as exc:
                 log.warning("usage_final_flush_failed", error=type(exc).__name__)
                 break
+        if (spill := self._spill_task) is not None:
+            # What it would spool is spooled below; an append it has under way finishes in
+            # the spool thread regardless.
+            spill.cancel()
+            await asyncio.wait([spill])
+        # Everything queued to the spool thread before is done after this (one thread, in
+        # order), and its charges are noted as spooled or back in the queue.
+        await self._on_disk(_nothing)
         if self._pending:
-            self._to_spool(self._pop(len(self._pending)))
-        self.spool.rotate()
+            await self._to_spool(self._pop(len(self._pending)))
+        await self._on_disk(self.spool.rotate)
+
+
+def _nothing() -> None:
+    pass

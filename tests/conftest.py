@@ -20,6 +20,7 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
+from blockbuster import BlockBuster, BlockBusterFunction
 from yarl import URL
 
 from bench.fake_upstream import RunningUpstream, start_upstream
@@ -227,3 +228,51 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     """An HTTP client, as the Kilo Code extension would be."""
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+# Blocking calls on the event loop that are harmless, each allowed in one function only:
+# (blockbuster's name of the call, file, function). No function of gateway/ is here, and
+# none may be: an allowance covers everything called below the function named, so one on
+# a gateway function would hide that function's blocking from every test.
+_MAY_BLOCK = [
+    # asyncpg parses its connection arguments on every connect, looking for ~/.pgpass and
+    # ~/.postgresql/ (TLS key and certificates): a few stats in the home directory per
+    # connection, and a pool connects a handful of times.
+    ("os.stat", "asyncpg/connect_utils.py", "_parse_connect_dsn_and_args"),
+    ("os.path.abspath", "asyncpg/connect_utils.py", "_parse_connect_dsn_and_args"),
+    # prometheus_client's process collector reads /proc/self (memory, not a disk) when a
+    # test reads the registry, as /metrics does.
+    ("io.BufferedReader.read", "prometheus_client/process_collector.py", "collect"),
+    ("os.listdir", "prometheus_client/process_collector.py", "collect"),
+    # `make_config` builds a Config inside a test's loop, reading config/defaults.toml and
+    # the catalog; the gateway itself reads them once, before its loop starts (__main__).
+    # Only this test helper's call is allowed: gateway.config read on a loop elsewhere fails.
+    ("io.BufferedReader.read", "tests/conftest.py", "make"),
+]
+
+
+@pytest.fixture
+def blockbuster() -> Iterator[BlockBuster]:
+    """Fail the test on a blocking call made on the event loop: file I/O, fsync, sleep, a
+    blocking socket, an acquired threading lock (see blockbuster's list).
+
+    Every module's calls are checked, the gateway's, the tests' and the libraries', but for
+    the few in `_MAY_BLOCK`. Modules opt in with `pytestmark =
+    pytest.mark.usefixtures("blockbuster")`, which sets this up before the test's other
+    function-scoped fixtures and tears it down after them, so a gateway's start and
+    shutdown (its ledger's final spool) are checked too. Session- and module-scoped
+    fixtures (starting PostgreSQL, the migrated template) are set up earlier, so never
+    under it; calls made without a running loop (sync fixtures, threads) are not checked.
+    """
+    checker = BlockBuster()
+    # Not on blockbuster's list, and the very call that stalled every stream: an fsync of
+    # the spool on the loop.
+    for name in ("os.fsync", "os.fdatasync"):
+        checker.functions[name] = BlockBusterFunction(None, name)
+    for call, filename, function in _MAY_BLOCK:
+        checker.functions[call].can_block_in(filename, function)
+    checker.activate()
+    try:
+        yield checker
+    finally:
+        checker.deactivate()

@@ -26,6 +26,8 @@ from gateway.auth import hash_token
 from tests.conftest import UPSTREAM_TEST_KEY, RunningGateway
 from tests.factories import DEFAULT_CREDITS_MICRODOLLARS, Seed, utcnow
 
+pytestmark = pytest.mark.usefixtures("blockbuster")
+
 CHAT_PATH = "/api/openrouter/chat/completions"
 CHAT_BODY: dict[str, Any] = {
     "model": "openai/gpt-4o-mini",

@@ -29,6 +29,8 @@ from tests.conftest import RunningGateway
 from tests.factories import Seed
 from tests.test_proxy import EXPIRED_AGE, org_member
 
+pytestmark = pytest.mark.usefixtures("blockbuster")
+
 CHAT_PATH = "/api/openrouter/chat/completions"
 MAX_BODY = 10_000
 DEADLINE_SECONDS = 5.0

@@ -315,7 +315,8 @@ async def test_charges_spilled_during_an_outage_are_written_once_it_ends(scene: 
     try:
         outcomes = await asyncio.gather(*streams)
         assert all(o.completed for o in outcomes), [o.status for o in outcomes]
-        assert scene.spooled_request_ids(), "nothing reached the spool"
+        # The spill runs in the gateway's spool thread, a moment after the charges queue.
+        await eventually(lambda: asyncio.sleep(0, result=bool(scene.spooled_request_ids())), True)
     finally:
         await scene.cluster.start()
     completed = sorted(o.request_id for o in outcomes if o.request_id)
@@ -361,6 +362,15 @@ async def test_spool_of_a_killed_gateway_is_replayed_at_the_next_start(scene: Sc
     try:
         outcomes = await asyncio.gather(*streams)
         assert all(o.completed for o in outcomes)
+
+        async def settled() -> bool:
+            """The spill (in the gateway's spool thread, a moment after the charges queue)
+            is over: every charge is on disk or queued, no more than the bound queued."""
+            pending = await scene.metric(killed, "gateway_usage_pending")
+            spooled = len(scene.spooled_request_ids())
+            return pending is not None and pending <= 2 and spooled + pending == 10
+
+        await eventually(settled, True)
         spooled = scene.spooled_request_ids()
         assert len(spooled) >= 5, spooled
         killed.send(signal.SIGKILL)

@@ -3,6 +3,11 @@
 Each test gets its own migrated database and a pool on it; spool files go to the test's
 temporary directory. The gauge of unwritten charges is process-wide, so tests compare it
 before and after rather than to an absolute value.
+
+Every test runs under blockbuster (see `tests/conftest.py`): a blocking call on the event
+loop, the ledger's or the test's own, fails it. So the tests read and write files through
+`asyncio.to_thread` too, and wait for a spill with `wait_spilled` (`record` returns before
+the charges are on disk).
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from typing import Any
 
 import asyncpg
 import pytest
+from blockbuster import BlockBuster, BlockingError
 from prometheus_client import REGISTRY
 
 from gateway import metrics
 from gateway.usage import ENCODE_SLICE, Charge, UsageLedger, read_spool, write_batch
 from tests.factories import Seed
+
+pytestmark = pytest.mark.usefixtures("blockbuster")
 
 COST = 420
 DEADLINE_SECONDS = 5.0
@@ -124,8 +132,20 @@ def pending_gauge() -> float:
     return value
 
 
-def spool_files(ledger: UsageLedger) -> list[Path]:
-    return sorted(ledger.spool.directory.glob("usage-*.jsonl"))
+async def spool_files(ledger: UsageLedger) -> list[Path]:
+    return await asyncio.to_thread(lambda: sorted(ledger.spool.directory.glob("usage-*.jsonl")))
+
+
+async def spooled_charges(path: Path | None) -> list[Charge]:
+    assert path is not None
+    return await asyncio.to_thread(read_spool, path)
+
+
+async def spilled_and_let_go(ledger: UsageLedger) -> None:
+    """The ledger's spill is on disk and its spool file closed (unlocked): as a process that
+    stopped leaves it."""
+    await ledger.wait_spilled()
+    await asyncio.to_thread(ledger.spool.rotate)
 
 
 async def run_in_background(ledger: UsageLedger, pool: asyncpg.Pool) -> asyncio.Task[None]:
@@ -398,12 +418,15 @@ CREATE TRIGGER test_refuse_one_row BEFORE INSERT ON llm_usage
 """
 
 
-def rejected_ids(ledger: UsageLedger) -> list[str]:
-    return sorted(
-        json.loads(line)["request_id"]
-        for path in ledger.spool.directory.glob("rejected-*.jsonl")
-        for line in path.read_text().splitlines()
-    )
+async def rejected_ids(ledger: UsageLedger) -> list[str]:
+    def read() -> list[str]:
+        return sorted(
+            json.loads(line)["request_id"]
+            for path in ledger.spool.directory.glob("rejected-*.jsonl")
+            for line in path.read_text().splitlines()
+        )
+
+    return await asyncio.to_thread(read)
 
 
 async def assert_only_req_b_set_aside(
@@ -414,7 +437,7 @@ async def assert_only_req_b_set_aside(
     assert len(ledger) == 0
     assert await usage_rows(db, org) == charged
     assert await credits_used(db, org) == charged * COST
-    assert rejected_ids(ledger) == ["req_b"]
+    assert await rejected_ids(ledger) == ["req_b"]
 
 
 async def test_a_refused_row_is_set_aside_and_the_rest_of_its_batch_charged(
@@ -460,7 +483,7 @@ async def test_an_outage_while_setting_aside_loses_and_rejects_nothing_else(
 async def test_past_the_bound_charges_go_to_the_spool_file(
     seed: Seed, make_ledger: Callable[..., UsageLedger]
 ) -> None:
-    """Past `max_pending`, the oldest charges are appended to the spool as JSON lines at once."""
+    """Past `max_pending`, the oldest charges are appended to the spool as JSON lines."""
     org = await seed.org()
     ledger = make_ledger(max_pending=4)
     gauge_before = pending_gauge()
@@ -468,18 +491,19 @@ async def test_past_the_bound_charges_go_to_the_spool_file(
     for c in charges:
         ledger.record(c)
     try:
+        await ledger.wait_spilled()
         assert len(ledger) <= 4
-        files = spool_files(ledger)
+        files = await spool_files(ledger)
         assert files == [ledger.spool.path]
-        # Readable from another file handle: flushed (and fsynced) before record returned.
-        lines = files[0].read_text().splitlines()
+        # Readable from another file handle: flushed (and fsynced) once spilled.
+        lines = (await asyncio.to_thread(files[0].read_text)).splitlines()
         spooled = [Charge.from_record(json.loads(line)) for line in lines]
         assert spooled == charges[: len(spooled)]
         assert len(spooled) + len(ledger) == 5
         assert all(json.loads(line)["request_id"] for line in lines)
         assert pending_gauge() == gauge_before + len(ledger)
     finally:
-        ledger.spool.rotate()
+        await spilled_and_let_go(ledger)
 
 
 async def test_spilled_charges_still_count_against_the_balance(
@@ -491,9 +515,13 @@ async def test_spilled_charges_still_count_against_the_balance(
     for _ in range(6):
         ledger.record(charge(org))
     try:
+        # Being spooled: no longer queued, not on disk yet, still counted.
+        assert ledger.unwritten_microdollars(org) == 6 * COST
+        await ledger.wait_spilled()
+        assert await spooled_charges(ledger.spool.path)
         assert ledger.unwritten_microdollars(org) == 6 * COST
     finally:
-        ledger.spool.rotate()
+        await spilled_and_let_go(ledger)
 
 
 async def test_new_ledger_replays_the_spool_once_and_deletes_it(
@@ -504,13 +532,13 @@ async def test_new_ledger_replays_the_spool_once_and_deletes_it(
     crashed = make_ledger(max_pending=2)
     for _ in range(9):
         crashed.record(charge(org))
-    spooled = read_spool(crashed.spool.path)
+    await spilled_and_let_go(crashed)  # the process that wrote it is gone
+    spooled = await spooled_charges(crashed.spool.path)
     assert spooled
-    crashed.spool.rotate()  # the process that wrote it is gone
 
     successor = make_ledger(batch_size=2)
     assert await successor.replay_spool(pool) == len(spooled)
-    assert spool_files(successor) == []
+    assert await spool_files(successor) == []
     assert await usage_rows(db, org) == len(spooled)
     assert await credits_used(db, org) == len(spooled) * COST
     assert await successor.replay_spool(pool) == 0
@@ -525,14 +553,16 @@ async def test_replaying_a_spool_again_charges_nothing_twice(
     crashed = make_ledger(max_pending=2)
     for _ in range(5):
         crashed.record(charge(org))
-    crashed.spool.rotate()
-    content = crashed.spool.path.read_bytes()
+    await spilled_and_let_go(crashed)
+    path = crashed.spool.path
+    assert path is not None
+    content = await asyncio.to_thread(path.read_bytes)
     assert await make_ledger().replay_spool(pool) > 0
     used = await credits_used(db, org)
-    crashed.spool.path.write_bytes(content)
+    await asyncio.to_thread(path.write_bytes, content)
     assert await make_ledger().replay_spool(pool) > 0
     assert await credits_used(db, org) == used
-    assert spool_files(crashed) == []
+    assert await spool_files(crashed) == []
 
 
 async def test_spool_of_a_live_ledger_is_not_replayed_by_another(
@@ -543,12 +573,14 @@ async def test_spool_of_a_live_ledger_is_not_replayed_by_another(
     alive = make_ledger(max_pending=2)
     for _ in range(4):
         alive.record(charge(org))
+    await alive.wait_spilled()
     try:
         assert await make_ledger().replay_spool(pool) == 0
-        assert alive.spool.path.exists()
+        assert alive.spool.path is not None
+        assert await asyncio.to_thread(alive.spool.path.exists)
         assert await usage_rows(db, org) == 0
     finally:
-        alive.spool.rotate()
+        await spilled_and_let_go(alive)
 
 
 async def test_torn_last_line_is_skipped(
@@ -559,17 +591,22 @@ async def test_torn_last_line_is_skipped(
     whole = [charge(org, cost=100), charge(org, cost=20)]
     torn = json.dumps(charge(org, cost=3).record())
     spool_dir = tmp_path / "spool"
-    spool_dir.mkdir()
     path = spool_dir / "usage-1-1.jsonl"
-    path.write_text("".join(json.dumps(c.record()) + "\n" for c in whole) + torn[: len(torn) // 2])
-    assert read_spool(path) == whole
+
+    def write_torn() -> None:
+        spool_dir.mkdir()
+        lines = "".join(json.dumps(c.record()) + "\n" for c in whole)
+        path.write_text(lines + torn[: len(torn) // 2])
+
+    await asyncio.to_thread(write_torn)
+    assert await spooled_charges(path) == whole
     ledger = UsageLedger(
         spool_dir=spool_dir, batch_size=10, flush_interval_seconds=0.01, max_pending=10
     )
     await ledger.replay_spool(pool)
     assert await credits_used(db, org) == 120
     assert await usage_rows(db, org) == 2
-    assert not path.exists()
+    assert not await asyncio.to_thread(path.exists)
 
 
 async def test_run_writes_its_own_spool_once_the_database_answers(
@@ -580,14 +617,15 @@ async def test_run_writes_its_own_spool_once_the_database_answers(
     ledger = make_ledger(max_pending=2)
     for _ in range(6):
         ledger.record(charge(org))
-    assert spool_files(ledger)
+    await ledger.wait_spilled()
+    assert await spool_files(ledger)
     task = await run_in_background(ledger, pool)
     try:
         await eventually(lambda: usage_rows(db, org), 6, flusher=task)
         assert await credits_used(db, org) == 6 * COST
     finally:
         await stop(task)
-        ledger.spool.rotate()
+        await spilled_and_let_go(ledger)
 
 
 async def test_charges_spilled_while_the_database_answers_are_written_without_a_failure(
@@ -604,14 +642,15 @@ async def test_charges_spilled_while_the_database_answers_are_written_without_a_
         await eventually(lambda: usage_rows(db, org), 1, flusher=task)
         for _ in range(6):
             ledger.record(charge(org))
-        assert ledger.spool.path is not None and read_spool(ledger.spool.path)
+        await ledger.wait_spilled()
+        assert await spooled_charges(ledger.spool.path)
         await eventually(lambda: usage_rows(db, org), 7, flusher=task)
         assert await credits_used(db, org) == 7 * COST
-        await eventually(lambda: asyncio.sleep(0, result=spool_files(ledger)), [], flusher=task)
+        await eventually(lambda: spool_files(ledger), [], flusher=task)
         await all_written(ledger, org, task)
     finally:
         await stop(task)
-        ledger.spool.rotate()
+        await spilled_and_let_go(ledger)
 
 
 async def test_a_spool_with_a_refused_row_is_replayed_without_it(
@@ -624,12 +663,12 @@ async def test_a_spool_with_a_refused_row_is_replayed_without_it(
     crashed = make_ledger(max_pending=0)
     for request_id in ("req_a", "req_b", "req_c"):
         crashed.record(charge(org, request_id=request_id))
-    crashed.spool.rotate()
+    await spilled_and_let_go(crashed)
     successor = make_ledger()
     assert await successor.replay_spool(pool) == 3
     assert await credits_used(db, org) == 2 * COST
-    assert rejected_ids(successor) == ["req_b"]
-    assert spool_files(successor) == []
+    assert await rejected_ids(successor) == ["req_b"]
+    assert await spool_files(successor) == []
 
 
 async def test_close_writes_everything_pending(
@@ -643,7 +682,7 @@ async def test_close_writes_everything_pending(
         ledger.record(charge(org))
     await ledger.close(pool, timeout_seconds=5)
     assert await credits_used(db, org) == 10 * COST
-    assert spool_files(ledger) == []
+    assert await spool_files(ledger) == []
     assert pending_gauge() == gauge_before
 
 
@@ -661,7 +700,155 @@ async def test_close_with_the_database_down_spools_everything_for_the_next_start
     for _ in range(7):
         ledger.record(charge(org))
     await ledger.close(dead_pool, timeout_seconds=2)
-    assert len(read_spool(ledger.spool.path)) == 7
+    assert len(await spooled_charges(ledger.spool.path)) == 7
     assert pending_gauge() == gauge_before
     assert await make_ledger().replay_spool(pool) == 7
     assert await credits_used(db, org) == 7 * COST
+
+
+# --- Off the event loop -------------------------------------------------------------------
+
+
+async def all_spooled(ledger: UsageLedger) -> list[Charge]:
+    """Every charge in the ledger's spool files, oldest file first."""
+    return [c for path in await spool_files(ledger) for c in await spooled_charges(path)]
+
+
+async def test_blockbuster_fails_blocking_calls_on_the_loop(
+    blockbuster: BlockBuster, seed: Seed, make_ledger: Callable[..., UsageLedger]
+) -> None:
+    """The fixture is on, catches a sleep and the spool's old synchronous spill made on the
+    loop, lets the spool thread block, and allows nothing in the gateway's own code."""
+    with pytest.raises(BlockingError):
+        time.sleep(0.01)  # noqa: ASYNC251 (the blocking call blockbuster must catch)
+    ledger = make_ledger()
+    record = charge(await seed.org()).record()
+    # The very call record() used to make when the queue passed the bound.
+    with pytest.raises(BlockingError):
+        ledger.spool.append([record])
+    # In a thread (no running loop there) the same call is what the ledger does.
+    path = await asyncio.to_thread(ledger.spool.append, [record])
+    assert await spooled_charges(path) == [Charge.from_record(record)]
+    await asyncio.to_thread(ledger.spool.rotate)
+    allowed = [
+        filename
+        for function in blockbuster.functions.values()
+        for filename, _names in function.can_block_functions
+    ]
+    assert not [name for name in allowed if "gateway/" in name], allowed
+
+
+async def test_an_outage_past_the_bound_spools_off_the_loop_and_replays_once(
+    pool: asyncpg.Pool,
+    dead_pool: asyncpg.Pool,
+    db: asyncpg.Connection,
+    seed: Seed,
+    make_ledger: Callable[..., UsageLedger],
+) -> None:
+    """With the database down and the queue far past its bound, `record` returns without
+    touching the disk (blockbuster would fail it otherwise), the spill goes to the spool
+    file in the background, nothing stops counting against the balance, and once the
+    database is back every charge is written exactly once."""
+    org = await seed.org()
+    ledger = make_ledger(batch_size=50, max_pending=100)
+    charges = [charge(org, cost=1 + i) for i in range(1_000)]
+    total = sum(c.cost_microdollars for c in charges)
+    writer = await run_in_background(ledger, dead_pool)
+    try:
+        for c in charges[:300]:
+            ledger.record(c)
+        # Past the bound with no spill yet: it waits for the loop, never for the disk.
+        assert len(ledger) == 300
+        for start in range(300, len(charges), 50):
+            for c in charges[start : start + 50]:
+                ledger.record(c)
+            await asyncio.sleep(0)  # other requests, the writer and the spill go on
+        assert ledger.unwritten_microdollars(org) == total
+        await ledger.wait_spilled()
+        assert len(ledger) <= 100
+        assert ledger.unwritten_microdollars(org) == total
+    finally:
+        await stop(writer)
+    spooled = await all_spooled(ledger)
+    assert len(spooled) + len(ledger) == len(charges)
+    assert len({c.request_id for c in spooled}) == len(spooled)
+    assert set(spooled) <= set(charges)
+    assert await usage_rows(db, org) == 0
+
+    writer = await run_in_background(ledger, pool)
+    try:
+        await all_written(ledger, org, writer)
+        await eventually(lambda: spool_files(ledger), [], flusher=writer)
+    finally:
+        await stop(writer)
+    assert len(ledger) == 0
+    assert await usage_rows(db, org) == len(charges)
+    assert await credits_used(db, org) == total
+
+
+async def test_a_spool_that_cannot_be_written_keeps_the_charges_queued(
+    pool: asyncpg.Pool,
+    db: asyncpg.Connection,
+    seed: Seed,
+    make_ledger: Callable[..., UsageLedger],
+    log_stream: Any,
+    tmp_path: Path,
+) -> None:
+    """A failed spill (here the spool directory is a file) drops nothing: the charges go
+    back to the queue, still counted, and are written once the database takes them."""
+    org = await seed.org()
+    not_a_directory = tmp_path / "spool-file"
+    await asyncio.to_thread(not_a_directory.write_text, "")
+    ledger = make_ledger(spool_dir=not_a_directory, max_pending=2)
+    for _ in range(6):
+        ledger.record(charge(org))
+    await eventually(
+        lambda: asyncio.sleep(0, result="usage_spool_failed" in log_stream.getvalue()), True
+    )
+    assert len(ledger) == 6
+    assert ledger.unwritten_microdollars(org) == 6 * COST
+    writer = await run_in_background(ledger, pool)
+    try:
+        await all_written(ledger, org, writer)
+    finally:
+        await stop(writer)
+    await ledger.wait_spilled()
+    assert await usage_rows(db, org) == 6
+    assert await credits_used(db, org) == 6 * COST
+
+
+async def test_close_during_a_slow_spill_spools_every_charge_once(
+    pool: asyncpg.Pool,
+    dead_pool: asyncpg.Pool,
+    db: asyncpg.Connection,
+    seed: Seed,
+    make_ledger: Callable[..., UsageLedger],
+) -> None:
+    """Shutting down while the spool thread is in the middle of a slow append (its task
+    cancelled under it) loses nothing and spools nothing twice."""
+    org = await seed.org()
+    ledger = make_ledger(max_pending=10)
+    append = ledger.spool.append
+    appending = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_append(records: Any) -> Path:
+        loop.call_soon_threadsafe(appending.set)
+        time.sleep(0.2)  # a slow disk (in the spool thread: no loop to block there)
+        return append(records)
+
+    ledger.spool.append = slow_append  # type: ignore[method-assign]
+    charges = [charge(org) for _ in range(25)]
+    for c in charges:
+        ledger.record(c)
+    await asyncio.wait_for(appending.wait(), DEADLINE_SECONDS)
+    await ledger.close(dead_pool, timeout_seconds=0.1)
+    assert len(ledger) == 0
+    spooled = await all_spooled(ledger)
+    assert sorted(c.request_id for c in spooled) == sorted(c.request_id for c in charges)
+    assert ledger.unwritten_microdollars(org) == 25 * COST
+
+    # The same ledger replays its own spool: counted once, then written once.
+    assert await ledger.replay_spool(pool) == 25
+    assert ledger.unwritten_microdollars(org) == 0
+    assert await credits_used(db, org) == 25 * COST
