@@ -20,7 +20,7 @@ from gateway.cache import MISSING, FactsCache
 from gateway.config import Config, EnforcementMode
 from gateway.context import RequestContext
 from gateway.entitlement import check, needs_model
-from gateway.errors import Forbidden, PaymentRequired
+from gateway.errors import Forbidden, PaymentRequired, Reason
 from gateway.queries import ApiKey
 from gateway.rule import OrgFacts
 
@@ -101,5 +101,5 @@ async def organization_facts(cache: FactsCache, organization_id: str) -> OrgFact
     else:
         metrics.cache_hit()
     if facts is None:
-        raise Forbidden("You are not a member of this organization.", reason="not_a_member")
+        raise Forbidden("You are not a member of this organization.", reason=Reason.NOT_A_MEMBER)
     return facts

@@ -13,7 +13,7 @@ import re
 from multidict import CIMultiDictProxy
 
 from gateway.cache import MISSING, FactsCache
-from gateway.errors import BadRequest, Forbidden, InvalidApiKey
+from gateway.errors import BadRequest, Forbidden, InvalidApiKey, Reason
 from gateway.queries import ApiKey
 
 ORGANIZATION_HEADER = "X-KiloCode-OrganizationId"
@@ -79,7 +79,7 @@ def parse_organization_id(value: str, source: str = f"The {ORGANIZATION_HEADER} 
     """The canonical form of an organization id from a header or path, or 400."""
     if _UUID.fullmatch(value) is None:
         raise BadRequest(
-            f"{source} must be an organization id (a UUID).", reason="invalid_organization_id"
+            f"{source} must be an organization id (a UUID).", reason=Reason.INVALID_ORGANIZATION_ID
         )
     return value.lower()
 
@@ -87,7 +87,7 @@ def parse_organization_id(value: str, source: str = f"The {ORGANIZATION_HEADER} 
 def refuse_other_organizations(key: ApiKey, organization_id: str) -> None:
     """A key bound to an organization acts for that one only; else 403."""
     if key.organization_id is not None and key.organization_id != organization_id:
-        raise Forbidden("This API key belongs to another organization.", reason="not_a_member")
+        raise Forbidden("This API key belongs to another organization.", reason=Reason.NOT_A_MEMBER)
 
 
 async def resolve_organization(
@@ -97,7 +97,7 @@ async def resolve_organization(
     values = headers.getall(ORGANIZATION_HEADER, ())
     if len(values) > 1:
         raise BadRequest(
-            f"Send exactly one {ORGANIZATION_HEADER} header.", reason="invalid_organization_id"
+            f"Send exactly one {ORGANIZATION_HEADER} header.", reason=Reason.INVALID_ORGANIZATION_ID
         )
     header = values[0] if values else None
     if header is not None and header.strip():
@@ -116,7 +116,7 @@ async def resolve_organization(
             "Your account belongs to no organization yet: create one, or accept an"
             " invitation to one."
         )
-    raise BadRequest(message, reason="organization_required")
+    raise BadRequest(message, reason=Reason.ORGANIZATION_REQUIRED)
 
 
 async def authorize(headers: CIMultiDictProxy[str], key: ApiKey, cache: FactsCache) -> Caller:
@@ -128,7 +128,7 @@ async def authorize(headers: CIMultiDictProxy[str], key: ApiKey, cache: FactsCac
         role = await cache.roles.load(role_key)
     if role is None or role == BILLING_MANAGER:
         # Billing managers pay for an organization; they do not use its models.
-        raise Forbidden("You are not a member of this organization.", reason="not_a_member")
+        raise Forbidden("You are not a member of this organization.", reason=Reason.NOT_A_MEMBER)
     return Caller(key.user_id, organization_id, role)
 
 
@@ -139,10 +139,10 @@ async def require_role(
     refuse_other_organizations(key, organization_id)
     role = await cache.roles.get((organization_id, key.user_id))
     if role is None:
-        raise Forbidden("You are not a member of this organization.", reason="not_a_member")
+        raise Forbidden("You are not a member of this organization.", reason=Reason.NOT_A_MEMBER)
     if role not in roles:
         allowed = " or ".join(sorted(r.replace("_", " ") + "s" for r in roles))
         raise Forbidden(
-            f"Only {allowed} of this organization may do this.", reason="insufficient_role"
+            f"Only {allowed} of this organization may do this.", reason=Reason.INSUFFICIENT_ROLE
         )
     return role

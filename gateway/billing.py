@@ -25,7 +25,7 @@ from gateway.auth import authenticate, parse_organization_id, require_role
 from gateway.config import Config
 from gateway.database import run_query
 from gateway.entitlement import billing_url
-from gateway.errors import BadRequest, NotFound
+from gateway.errors import BadRequest, NotFound, Reason
 from gateway.payloads import choice_field, json_object
 from gateway.plans import BILLING_CYCLES
 from gateway.queries import Queryable
@@ -93,7 +93,7 @@ def parse_seats(body: dict[str, Any], seats_used: int) -> int:
     raise BadRequest(
         f"'seats' must be a whole number from {low} to {MAX_SEATS}: the organization has "
         f"{seats_used} member(s) using seats, and each needs one.",
-        reason="invalid_seats",
+        reason=Reason.INVALID_SEATS,
         metadata={"min_seats": low, "max_seats": MAX_SEATS},
     )
 
@@ -112,7 +112,7 @@ def parse_amount_cents(body: dict[str, Any]) -> int:
         raise BadRequest(
             f"'amount_usd' must be a number of dollars from {MIN_CREDITS_USD} to "
             f"{MAX_CREDITS_USD:,}, in whole cents.",
-            reason="invalid_amount",
+            reason=Reason.INVALID_AMOUNT,
         )
     return int(amount * 100)
 
@@ -123,7 +123,7 @@ def check_billing_cycle(billing_cycle: str, config: Config) -> None:
         raise BadRequest(
             "Monthly plans are no longer offered; subscribe yearly (priced per seat per "
             "month, billed annually).",
-            reason="monthly_plan_unavailable",
+            reason=Reason.MONTHLY_PLAN_UNAVAILABLE,
         )
 
 

@@ -99,7 +99,7 @@ def payment_required(
     link = billing_url(app_url, facts.organization_id)
     return PaymentRequired(
         refusal_message(facts, verdict, balance, link),
-        reason=verdict.reason.value,
+        reason=verdict.reason,
         fields={
             "title": _TITLES[verdict.reason],
             "balance": balance,

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.errors import BadRequest
+from gateway.errors import REQUEST_ID_HEADER, BadRequest, Reason
 
-REQUEST_ID_HEADER = "X-Request-Id"
 PREFIX = "/api/openrouter/"
 # Upstream paths named in metrics; every other path is counted as "other".
 KNOWN_PATHS = frozenset({"chat/completions", "completions", "models", "generation", "embeddings"})
@@ -103,7 +102,7 @@ def allow_header(methods: frozenset[str]) -> str:
 
 def _invalid_path() -> BadRequest:
     return BadRequest(
-        "The requested path is not a valid OpenRouter API path.", reason="invalid_path"
+        "The requested path is not a valid OpenRouter API path.", reason=Reason.INVALID_PATH
     )
 
 

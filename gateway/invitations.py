@@ -25,7 +25,7 @@ from gateway.config import Config
 from gateway.database import run_query
 from gateway.emails import invitation_email, queue_email, user_address
 from gateway.entitlement import billing_url, iso_utc
-from gateway.errors import BadRequest, Conflict, Forbidden, Gone, NotFound
+from gateway.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Reason
 from gateway.organizations import (
     OWNERS,
     authorize_member,
@@ -112,7 +112,7 @@ async def ensure_seat(
         f"No seat is free: your organization pays for {_count(purchased, 'seat')} and has"
         f" {_count(facts.seats_used, 'member')} and {_count(open_seats, 'pending invitation')}."
         " Buy more seats on the billing page, or remove members or invitations.",
-        reason="seats_exhausted",
+        reason=Reason.SEATS_EXHAUSTED,
         metadata={
             "upgrade_url": billing_url(config.app_url, organization_id),
             "seats_used": facts.seats_used,
@@ -139,7 +139,7 @@ async def create_invitation(
         found = await lock_organization(conn, organization_id)
         assert found is not None  # the caller is an owner of it
         if await conn.fetchval(_MEMBER_EMAIL_SQL, organization_id, email):
-            raise Conflict(f"{email} is already a member.", reason="already_a_member")
+            raise Conflict(f"{email} is already a member.", reason=Reason.ALREADY_A_MEMBER)
         await conn.execute(_REVOKE_SQL, organization_id, email)
         await ensure_seat(conn, organization_id, role, config, pending=True)
         token = secrets.token_urlsafe(32)
@@ -188,7 +188,7 @@ async def invite_handler(request: web.Request) -> web.Response:
 def _not_found() -> NotFound:
     return NotFound(
         "This invitation does not exist, was replaced by a newer one, or was already used.",
-        reason="invitation_not_found",
+        reason=Reason.INVITATION_NOT_FOUND,
     )
 
 
@@ -222,15 +222,17 @@ async def _check_acceptable(conn: asyncpg.Connection, invitation: Any, user_id: 
         raise Forbidden(
             "This invitation was sent to another email address; accept it with a key of"
             " the user it was sent to.",
-            reason="invitation_email_mismatch",
+            reason=Reason.INVITATION_EMAIL_MISMATCH,
         )
     if invitation["expired"]:
         raise Gone(
             "This invitation has expired; ask an owner of the organization for a new one.",
-            reason="invitation_expired",
+            reason=Reason.INVITATION_EXPIRED,
         )
     if await fetch_role(conn, invitation["organization_id"], user_id) is not None:
-        raise Conflict("You are already a member of this organization.", reason="already_a_member")
+        raise Conflict(
+            "You are already a member of this organization.", reason=Reason.ALREADY_A_MEMBER
+        )
 
 
 async def accept_handler(request: web.Request) -> web.Response:
@@ -261,11 +263,11 @@ async def remove_member(conn: asyncpg.Connection, organization_id: str, user_id:
         await lock_organization(conn, organization_id)
         role = await fetch_role(conn, organization_id, user_id)
         if role is None:
-            raise NotFound("No such member in this organization.", reason="member_not_found")
+            raise NotFound("No such member in this organization.", reason=Reason.MEMBER_NOT_FOUND)
         if role == "owner" and await conn.fetchval(_OWNERS_SQL, organization_id) <= 1:
             raise Conflict(
                 "An organization needs an owner: make someone else an owner first.",
-                reason="last_owner",
+                reason=Reason.LAST_OWNER,
             )
         await conn.execute(_REMOVE_SQL, organization_id, user_id)
 
@@ -275,7 +277,7 @@ async def remove_handler(request: web.Request) -> web.Response:
     organization_id, _key, _role = await authorize_member(request, OWNERS)
     user_id = request.match_info["user_id"]
     if "\x00" in user_id or not user_id.isprintable():
-        raise NotFound("No such member in this organization.", reason="member_not_found")
+        raise NotFound("No such member in this organization.", reason=Reason.MEMBER_NOT_FOUND)
     timeout = request.app[CONFIG].database_query_timeout_seconds
     await run_query(request.app[POOL], timeout, remove_member, organization_id, user_id)
     membership_changed(request.app, organization_id, user_id)

@@ -21,10 +21,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.appkeys import CONFIG, CONTEXT, UPSTREAM
 from gateway.cache import Lookup
-from gateway.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from gateway.forwarding import relay_headers, upstream_target
 from gateway.organizations import ANY_ROLE, authorize_member
-from gateway.upstream import UpstreamBroke, UpstreamClient
+from gateway.upstream import UpstreamBroke, UpstreamClient, UpstreamFailed
 
 MODELS_PATH = "models"
 # OpenRouter's full list is about 1 MB; far more than that is no model list.
@@ -61,7 +60,7 @@ class ModelListings:
             self._fetch,
             ttl_seconds=ttl_seconds,
             stale_seconds=ttl_seconds * STALE_FACTOR,
-            stale_on=(UpstreamUnreachable, UpstreamTimeout, UpstreamProtocolError),
+            stale_on=(UpstreamFailed, UpstreamBroke),
             maxsize=256,
         )
 
@@ -89,10 +88,7 @@ class ModelListings:
                     break
                 body += chunk
             else:
-                raise UpstreamUnreachable("OpenRouter's model list is far larger than expected.")
-        except UpstreamBroke as exc:
-            upstream.close()
-            raise UpstreamUnreachable("OpenRouter's model list was cut short; retry.") from exc
+                raise UpstreamBroke("OpenRouter's model list is far larger than expected.")
         except BaseException:
             upstream.close()
             raise

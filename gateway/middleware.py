@@ -1,8 +1,10 @@
 """The one middleware every request passes: id, error envelope, log line, metrics.
 
-This is the only place that turns errors into HTTP: `GatewayError` becomes its envelope,
-aiohttp's own HTTP errors (404, 405, 413) get the same envelope, and anything unexpected
-becomes a 500 whose body says nothing of the internals (the log has the traceback).
+This is where aiohttp's routes turn errors into HTTP: a `GatewayError` becomes its
+envelope (`errors.render_error`, which the proxy route's own server uses too), aiohttp's
+own HTTP errors (404, 405, 413) become ours (`errors.error_for_status`), and anything
+unexpected becomes a 500 whose body says nothing of the internals (the log has the
+traceback).
 """
 
 from __future__ import annotations
@@ -21,26 +23,20 @@ from gateway import metrics
 from gateway.appkeys import CONTEXT, IN_FLIGHT
 from gateway.context import RequestContext
 from gateway.errors import (
+    REQUEST_ID_HEADER,
     BadRequest,
     GatewayError,
     InternalError,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
+    Reason,
+    error_for_status,
+    render_error,
 )
-from gateway.forwarding import REQUEST_ID_HEADER
 from gateway.logs import log_request
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The client went away before the response was complete (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
 log = structlog.get_logger("gateway.middleware")
-
-_HTTP_ERRORS: dict[int, GatewayError] = {
-    404: NotFound("No such endpoint."),
-    405: MethodNotAllowed("This endpoint does not accept that method."),
-    413: PayloadTooLarge("The request body is larger than the gateway accepts."),
-}
 
 
 # A random prefix per process and a counter: unique across processes and restarts
@@ -109,19 +105,19 @@ async def _handle(
     except GatewayError as exc:
         error = exc
     except web.HTTPException as exc:
-        error = _from_aiohttp(exc)
+        error = error_for_status(exc.status)
     except web.RequestPayloadError:
         # The body could not be read (bad Content-Encoding, broken chunking): client
         # error, and the rest of the body cannot be read either.
         error = BadRequest(
             "The request body could not be read.",
-            reason="malformed_request",
+            reason=Reason.MALFORMED_REQUEST,
             close_connection=True,
         )
     except Exception:
         error = unexpected_error(ctx)
-    response = error_response(refusal(error, ctx))
-    if error.close_connection or refused_before_body(request):
+    response = error_response(refusal(error, ctx), ctx.request_id)
+    if refused_before_body(request):
         # aiohttp still reads and drops what is left for a moment (its lingering time),
         # so that a client still sending reads the answer, then closes.
         response.force_close()
@@ -155,18 +151,10 @@ def unexpected_error(ctx: RequestContext) -> GatewayError:
     return InternalError("The gateway failed; this is our fault.")
 
 
-def error_response(exc: GatewayError) -> web.Response:
+def error_response(exc: GatewayError, request_id: str | None = None) -> web.Response:
     """The JSON envelope for `exc`, with its headers."""
-    return web.Response(
-        status=exc.status, body=exc.body(), content_type="application/json", headers=exc.headers
-    )
-
-
-def _from_aiohttp(exc: web.HTTPException) -> GatewayError:
-    """aiohttp's own refusals (no route, wrong method, body too large) as ours."""
-    known = _HTTP_ERRORS.get(exc.status)
-    if known is not None:
-        return known
-    return GatewayError(
-        exc.reason or "Request refused.", reason=f"http_{exc.status}", status=exc.status
-    )
+    rendered = render_error(exc, request_id)
+    response = web.Response(status=rendered.status, body=rendered.body, headers=rendered.headers)
+    if rendered.close_connection:
+        response.force_close()
+    return response

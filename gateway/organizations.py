@@ -26,7 +26,7 @@ from gateway.config import Config
 from gateway.database import run_query
 from gateway.emails import queue_email, sales_contact_email, user_address, welcome_email
 from gateway.entitlement import billing_url, iso_utc
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, Reason
 from gateway.payloads import choice_field, json_object, require_storable, string_field
 from gateway.plans import PLAN_NAMES
 from gateway.queries import ApiKey, Queryable, fetch_org_facts
@@ -217,7 +217,7 @@ async def record_sales_contact(
             raise BadRequest(
                 "Single sign-on (SSO) is an Enterprise plan feature and is set up with our"
                 " sales team; it is not self-serve. Teams organizations cannot request it.",
-                reason="sso_requires_enterprise",
+                reason=Reason.SSO_REQUIRES_ENTERPRISE,
             )
         row = await conn.fetchrow(_SALES_CONTACT_SQL, organization_id, user_id, message)
         requester = await user_address(conn, user_id)

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, Reason
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
@@ -18,9 +18,11 @@ async def json_object(request: web.Request) -> dict[str, Any]:
         # encoded surrogates through. Too deep a nesting is malformed too, not a crash.
         body = json.loads(raw.decode("utf-8")) if raw else {}
     except (ValueError, UnicodeDecodeError, RecursionError):
-        raise BadRequest("The request body is not valid JSON.", reason="invalid_json") from None
+        raise BadRequest(
+            "The request body is not valid JSON.", reason=Reason.INVALID_JSON
+        ) from None
     if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.", reason="invalid_json")
+        raise BadRequest("The request body must be a JSON object.", reason=Reason.INVALID_JSON)
     return body
 
 

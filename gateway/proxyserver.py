@@ -41,8 +41,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.aiohttp_internals import tcp_keepalive, tcp_nodelay
 from gateway.appkeys import CONFIG, IN_FLIGHT
 from gateway.context import RequestContext
-from gateway.errors import GatewayError, RequestTimeout
-from gateway.forwarding import PREFIX, REQUEST_ID_HEADER
+from gateway.errors import GatewayError, RequestTimeout, render_error
+from gateway.forwarding import PREFIX
 from gateway.middleware import CLIENT_CLOSED_REQUEST, RequestRecord, refusal, unexpected_error
 from gateway.proxy import ProxyRequest, proxy
 from gateway.upstream import NO_BODY_STATUSES
@@ -477,13 +477,11 @@ class ProxyConnection(asyncio.Protocol):
     async def _send_error(
         self, error: GatewayError, ctx: RequestContext, sink: _ConnectionSink
     ) -> None:
-        body = error.body()
-        headers: CIMultiDict[str] = CIMultiDict(error.headers)
-        headers["Content-Type"] = "application/json"
-        headers[REQUEST_ID_HEADER] = ctx.request_id
-        await sink.start(error.status, _reason(error.status), headers, len(body))
+        rendered = render_error(error, ctx.request_id)
+        headers: CIMultiDict[str] = CIMultiDict(rendered.headers)
+        await sink.start(rendered.status, _reason(rendered.status), headers, len(rendered.body))
         with contextlib.suppress(ConnectionError):
-            await sink.write(body)
+            await sink.write(rendered.body)
             await sink.end()
 
     def _linger(self) -> None:

@@ -14,7 +14,7 @@ from aiohttp import web
 from gateway.appkeys import CACHE, CONFIG, CONTEXT, POOL
 from gateway.auth import authenticate, parse_organization_id, require_role
 from gateway.database import run_query
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, Reason
 from gateway.queries import Queryable
 from gateway.rule import MICRODOLLARS_PER_USD
 
@@ -55,9 +55,9 @@ def parse_period(query: Any, now: datetime) -> tuple[datetime, datetime]:
     try:
         start = _parse_instant(query.get("from"), "from") or end - DEFAULT_PERIOD
     except OverflowError:
-        raise BadRequest("'to' is too early.", reason="invalid_period") from None
+        raise BadRequest("'to' is too early.", reason=Reason.INVALID_PERIOD) from None
     if start >= end:
-        raise BadRequest("'from' must be earlier than 'to'.", reason="invalid_period")
+        raise BadRequest("'from' must be earlier than 'to'.", reason=Reason.INVALID_PERIOD)
     return start, end
 
 
@@ -69,13 +69,13 @@ def _parse_instant(value: str | None, name: str) -> datetime | None:
     except ValueError:
         raise BadRequest(
             f"'{name}' must be an ISO 8601 date or time, like 2026-11-01 or 2026-11-01T00:00:00Z.",
-            reason="invalid_period",
+            reason=Reason.INVALID_PERIOD,
         ) from None
     instant = instant if instant.tzinfo is not None else instant.replace(tzinfo=UTC)
     try:
         return instant.astimezone(UTC)  # year 0 or 10000 in UTC does not exist
     except OverflowError:
-        raise BadRequest(f"'{name}' is out of range.", reason="invalid_period") from None
+        raise BadRequest(f"'{name}' is out of range.", reason=Reason.INVALID_PERIOD) from None
 
 
 async def fetch_report(

@@ -23,18 +23,15 @@ from __future__ import annotations
 import dataclasses
 from enum import StrEnum
 
+# The rule's refusals are four of the gateway's reasons (TRIAL_EXPIRED,
+# SUBSCRIPTION_INACTIVE, SEATS_EXCEEDED, INSUFFICIENT_CREDITS).
+from gateway.errors import Reason
+
 SECONDS_PER_DAY = 86_400
 # Money is integer microdollars everywhere (1 USD = 1,000,000).
 MICRODOLLARS_PER_USD = 1_000_000
 FREE_MODEL_SUFFIX = ":free"
 PAYING_STATUSES = frozenset({"active", "pending_cancel", "past_due"})
-
-
-class Reason(StrEnum):
-    TRIAL_EXPIRED = "trial_expired"
-    SUBSCRIPTION_INACTIVE = "subscription_inactive"
-    SEATS_EXCEEDED = "seats_exceeded"
-    INSUFFICIENT_CREDITS = "insufficient_credits"
 
 
 class Standing(StrEnum):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from http import HTTPStatus
 from typing import Any
 
 import structlog
@@ -25,7 +26,8 @@ from gateway.aiohttp_internals import (
     waiting_for_request,
 )
 from gateway.appkeys import CONFIG, IN_FLIGHT
-from gateway.errors import GatewayError, RequestTimeout
+from gateway.errors import RenderedError, RequestTimeout, error_for_status, render_error
+from gateway.middleware import error_response
 from gateway.proxyserver import LINGER_SECONDS, ProxyConnection
 
 log = structlog.get_logger("gateway.runner")
@@ -43,13 +45,6 @@ RUNNER_KWARGS: dict[str, Any] = {
     # connection closes (aiohttp's default is 10 s); the proxy route's handler does
     # the same.
     "lingering_time": LINGER_SECONDS,
-}
-
-_REASONS = {400: "malformed_request", 413: "payload_too_large", 504: "timeout"}
-_MESSAGES = {
-    400: "The request could not be read as HTTP: check its request line and headers.",
-    413: "The request body is larger than the gateway accepts.",
-    500: "The gateway failed; this is our fault.",
 }
 
 
@@ -89,11 +84,8 @@ class _EnvelopeRequestHandler(web.RequestHandler):
         if not waiting_for_request(self) or self.transport is None:
             return
         log.info("unreadable_request", status=408, error="header_timeout")
-        body = RequestTimeout("The request's headers did not arrive in time.").body()
-        self.transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
-        )
+        rendered = render_error(RequestTimeout("The request's headers did not arrive in time."))
+        self.transport.write(_encode_head(rendered) + rendered.body)
         self.force_close()
         self.transport.close()
 
@@ -109,14 +101,17 @@ class _EnvelopeRequestHandler(web.RequestHandler):
             raise ConnectionError("response already started; closing the connection")
         # One line, no traceback: hostile clients must not be able to flood the logs.
         log.info("unreadable_request", status=status, error=type(exc).__name__ if exc else None)
-        error = GatewayError(
-            _MESSAGES.get(status, "The request was refused."),
-            reason=_REASONS.get(status, "internal_error" if status >= 500 else "bad_request"),
-            status=status,
-        )
-        response = web.Response(status=status, body=error.body(), content_type="application/json")
+        response = error_response(error_for_status(status))
         response.force_close()
         return response
+
+
+def _encode_head(rendered: RenderedError) -> bytes:
+    """A closing response's head, written straight to a connection aiohttp is not answering."""
+    lines = [f"HTTP/1.1 {rendered.status} {HTTPStatus(rendered.status).phrase}"]
+    lines.extend(f"{name}: {value}" for name, value in rendered.headers.items())
+    lines.append(f"Content-Length: {len(rendered.body)}\r\nConnection: close\r\n\r\n")
+    return "\r\n".join(lines).encode("latin-1")
 
 
 class _GatewayServer(web.Server):

@@ -21,7 +21,7 @@ from cachetools import TTLCache
 
 from gateway.appkeys import CONFIG
 from gateway.config import Config
-from gateway.errors import BadRequest, BillingProviderError, BillingUnavailable
+from gateway.errors import BadRequest, BillingProviderError, BillingUnavailable, Reason
 
 log = structlog.get_logger("gateway.stripe")
 
@@ -142,11 +142,11 @@ def verify_webhook(payload: bytes, signature: str | None, secret: str) -> dict[s
     except (stripe.SignatureVerificationError, UnicodeDecodeError) as exc:
         raise BadRequest(
             "The Stripe-Signature header is missing, does not match the body, or is too old.",
-            reason="invalid_signature",
+            reason=Reason.INVALID_SIGNATURE,
         ) from exc
     except ValueError as exc:
         raise BadRequest(
-            "The webhook body is not a Stripe event.", reason="invalid_payload"
+            "The webhook body is not a Stripe event.", reason=Reason.INVALID_PAYLOAD
         ) from exc
     result: dict[str, Any] = event.to_dict()
     return result

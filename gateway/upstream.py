@@ -22,8 +22,10 @@ lines or its headers; those are refused here, with aiohttp's limits (8190 bytes 
 128 headers). A response that breaks the protocol is never relayed and its connection
 never reused.
 
-Errors the caller sees: `UpstreamUnreachable` (502), `UpstreamProtocolError` (502) and
-`UpstreamTimeout` (504) before the head, `UpstreamBroke` after it.
+Errors the caller sees are this module's own, and say what happened on the wire, not
+what to answer (`proxy.py` maps them to HTTP, once): before the head `UpstreamDown` (no
+connection, or it closed), `UpstreamSilent` (no head in time) and `UpstreamMisspoke` (a
+response that broke HTTP/1.1), all `UpstreamFailed`; after it `UpstreamBroke`.
 """
 
 from __future__ import annotations
@@ -41,8 +43,6 @@ from urllib.parse import urlsplit
 import aiohappyeyeballs
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
-
-from gateway.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -67,9 +67,6 @@ KEEPALIVE_SECONDS = 15.0
 MAX_IDLE_CONNECTIONS = 256
 DNS_TTL_SECONDS = 300.0
 
-_UNREACHABLE = "The gateway could not reach OpenRouter; retry shortly."
-_NO_ANSWER = "OpenRouter did not answer in time; retry shortly."
-_UNREADABLE = "OpenRouter sent a response the gateway could not read; retry shortly."
 # Responses that never have a body, whatever their headers say (RFC 9112 §6.3).
 NO_BODY_STATUSES = frozenset({204, 304})
 _VERSIONS = frozenset({"1.0", "1.1"})
@@ -82,6 +79,22 @@ _TEXT_BYTES_LF = b"\n" + _TEXT_BYTES
 # Where the response to the request in flight is: waiting for its final head, in its
 # body, ended, or broken; idle before the first request.
 _IDLE, _HEAD, _BODY, _DONE, _BROKEN = "idle", "head", "body", "done", "broken"
+
+
+class UpstreamFailed(Exception):
+    """No usable response head: the request may not have reached the upstream at all."""
+
+
+class UpstreamDown(UpstreamFailed):
+    """No connection to the upstream, or it closed before answering."""
+
+
+class UpstreamSilent(UpstreamFailed):
+    """The upstream sent no response head within the head timeout."""
+
+
+class UpstreamMisspoke(UpstreamFailed):
+    """The upstream's response broke HTTP/1.1; it was dropped with its connection."""
 
 
 class UpstreamBroke(Exception):
@@ -314,7 +327,7 @@ class _Connection(asyncio.Protocol):
         self._head_timer = None
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(UpstreamTimeout(_NO_ANSWER))
+            waiter.set_exception(UpstreamSilent("no response head in time"))
         self.abort()
 
     # -- parsing ---------------------------------------------------------------------
@@ -368,7 +381,7 @@ class _Connection(asyncio.Protocol):
         phase = self._phase
         if phase == _HEAD:
             self._phase = _BROKEN
-            error = UpstreamProtocolError(_UNREADABLE)
+            error = UpstreamMisspoke(str(cause))
             error.__cause__ = cause
             waiter = self._head_waiter
             if waiter is not None and not waiter.done():
@@ -687,7 +700,7 @@ class UpstreamClient:
                 if retry and not conn.received_any:
                     retry, conn = False, None
                     continue
-                raise UpstreamUnreachable(_UNREACHABLE) from exc
+                raise UpstreamDown("the connection closed before a response") from exc
             except BaseException:
                 # Cancelled (the client went away), timed out, a response that broke the
                 # protocol, or a header we cannot send: closing the connection is also
@@ -737,7 +750,7 @@ class UpstreamClient:
                 return conn
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             self._addresses_expire = 0.0  # resolve afresh next time
-            raise UpstreamUnreachable(_UNREACHABLE) from exc
+            raise UpstreamDown(f"could not connect: {exc}") from exc
 
     async def _resolve(self) -> list[aiohappyeyeballs.AddrInfoType]:
         """The origin's addresses, looked up at most every DNS_TTL_SECONDS."""

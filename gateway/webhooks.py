@@ -33,7 +33,7 @@ from aiohttp import web
 from gateway.appkeys import CONFIG, POOL
 from gateway.config import Config
 from gateway.database import run_query
-from gateway.errors import BadRequest, BillingUnavailable
+from gateway.errors import BadRequest, BillingUnavailable, Reason
 from gateway.plans import Catalog
 from gateway.queries import Queryable
 from gateway.rule import MICRODOLLARS_PER_USD
@@ -92,10 +92,10 @@ def parse_event(raw: dict[str, Any]) -> Event:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadRequest(
-            "The webhook body is not a Stripe event.", reason="invalid_payload"
+            "The webhook body is not a Stripe event.", reason=Reason.INVALID_PAYLOAD
         ) from exc
     if not isinstance(event.object, dict):
-        raise BadRequest("The webhook event carries no object.", reason="invalid_payload")
+        raise BadRequest("The webhook event carries no object.", reason=Reason.INVALID_PAYLOAD)
     return event
 
 
