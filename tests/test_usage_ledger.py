@@ -634,7 +634,9 @@ async def test_charges_spilled_while_the_database_answers_are_written_without_a_
     """A burst past the bound while the flusher runs (no write failing, as when the pool
     waits out a short outage) spills to the spool, and the flusher writes the spool too."""
     org = await seed.org()
-    ledger = make_ledger(max_pending=2)
+    # The flusher sleeps long enough after each write for the burst to reach the spill
+    # first (with a short interval it may take the burst to the database itself).
+    ledger = make_ledger(max_pending=2, flush_interval_seconds=0.5)
     task = await run_in_background(ledger, pool)
     try:
         # Once a first charge is written, the flusher's replay at start is behind it.
