@@ -1,5 +1,8 @@
 """Schema migrations: the plain SQL files in `sql/`, applied in order, each once.
 
+A wheel ships `sql/` inside the package as `gateway.sql`; `SQL_DIR` is wherever this
+installation has it (see `gateway.plans.shipped_dir`).
+
 Each file `NNN_name.sql` runs in its own transaction and is recorded in
 `schema_migrations`. The whole run holds a PostgreSQL advisory lock, so replicas that
 start together do not race: the second waits, then finds nothing left to do.
@@ -15,9 +18,9 @@ from pathlib import Path
 import asyncpg
 import structlog
 
-from gateway.config import PROJECT_ROOT
+from gateway.plans import shipped_dir
 
-SQL_DIR = PROJECT_ROOT / "sql"
+SQL_DIR = shipped_dir("gateway.sql")
 # An arbitrary constant that names "the gateway's migrations" among advisory locks.
 MIGRATION_LOCK_ID = 7_246_311_001
 _FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")

@@ -2,16 +2,46 @@
 
 Prices are stored per seat in cents for the billing interval; people are always shown
 the monthly figure ($29 per seat per month, billed annually as $348).
+
+Also where the files the package ships are: `config/` and `sql/` stay at the top of the
+repository and a wheel carries them inside the package, as `gateway.config_files` and
+`gateway.sql` (the `package-dir` mapping in pyproject.toml).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tomllib
 from pathlib import Path
 from typing import Any
 
-PLANS_FILE = Path(__file__).resolve().parent.parent / "config" / "plans.toml"
+# The checkout this module runs from (in a wheel install: the site-packages directory).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Each shipped package and the repository directory it is built from (pyproject.toml).
+SHIPPED = {"gateway.config_files": "config", "gateway.sql": "sql"}
+
+
+def shipped_dir(package: str) -> Path:
+    """The directory of `package`, one of SHIPPED, in this installation.
+
+    A wheel install has it inside the package; an editable install maps it to the
+    checkout's directory (setuptools' finder), which is also where it is when running
+    from a checkout, or from an editable install made before the mapping existed. Not
+    `importlib.resources.files`: on Python 3.11 it fails for these directory-only
+    (namespace) packages in an editable install (python/importlib_resources#311).
+    """
+    spec = importlib.util.find_spec(package)
+    found = [Path(p) for p in spec.submodule_search_locations or []] if spec else []
+    if (PROJECT_ROOT / "pyproject.toml").is_file():  # a checkout, not site-packages
+        found.append(PROJECT_ROOT / SHIPPED[package])
+    for path in found:
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(f"{package} is missing from this installation of the gateway")
+
+
+PLANS_FILE = shipped_dir("gateway.config_files") / "plans.toml"
 PLAN_NAMES = ("teams", "enterprise")
 BILLING_CYCLES = ("yearly", "monthly")
 _MONTHS = {"year": 12, "month": 1}

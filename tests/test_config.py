@@ -7,11 +7,22 @@ Each test passes its own environment mapping; none reads or changes `os.environ`
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from gateway.config import DEFAULTS_FILE, Config, ConfigError, EnforcementMode, from_env
+from gateway.config import (
+    DEFAULTS_FILE,
+    PROJECT_ROOT,
+    SETTINGS,
+    Config,
+    ConfigError,
+    EnforcementMode,
+    from_env,
+)
 
 API_KEY = "sk-or-v1-unit-test-key-that-must-never-be-printed-4f1c"
 
@@ -57,8 +68,10 @@ class TestDefaults:
         assert type(value) is type(expected)
 
     def test_defaults_file_is_the_projects(self):
-        """The defaults come from config/defaults.toml at the project root."""
+        """Run from the checkout, the defaults come from config/defaults.toml at its top (a
+        wheel carries that file inside the package: tests/test_wheel.py)."""
         assert DEFAULTS_FILE.parts[-2:] == ("config", "defaults.toml")
+        assert DEFAULTS_FILE.resolve() == (PROJECT_ROOT / "config" / "defaults.toml").resolve()
         assert DEFAULTS_FILE.is_file()
 
     @pytest.mark.parametrize("blank", ["", " ", "\t\n"])
@@ -230,6 +243,27 @@ class TestSecretAndShape:
         assert API_KEY not in str(config)
         assert "openrouter_api_key" not in repr(config)
 
+    @pytest.mark.parametrize(
+        "variable",
+        [
+            "DATABASE_URL",
+            "DATABASE_LISTEN_URL",
+            "SMTP_URL",
+            "STRIPE_SECRET_KEY",
+            "STRIPE_WEBHOOK_SECRET",
+        ],
+    )
+    def test_other_secrets_not_in_repr(self, variable: str):
+        """Stripe's secrets, and URLs that may carry a password, stay out of repr too."""
+        secret = "pw-3f9a1c-never-printed"
+        values = {
+            "DATABASE_URL": f"postgresql://gw:{secret}@db/gw",
+            "DATABASE_LISTEN_URL": f"postgresql://gw:{secret}@db/gw",
+            "SMTP_URL": f"smtp://kilo:{secret}@mail.example.test",
+        }
+        config = from_env(env(**{variable: values.get(variable, secret)}))
+        assert secret not in repr(config)
+
     def test_api_key_still_available(self):
         """The key is hidden from repr but readable by the proxy."""
         assert from_env(env()).openrouter_api_key == API_KEY
@@ -249,3 +283,96 @@ class TestSecretAndShape:
     def test_returns_config(self):
         """from_env returns a Config."""
         assert isinstance(from_env(env()), Config)
+
+
+class TestStartUpValidation:
+    """Everything from_env can check is checked there, so `serve` stops with one line."""
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            pytest.param("https://mail.example.test", id="not-smtp"),
+            pytest.param("smtp://", id="no-host"),
+            pytest.param("mail.example.test", id="no-scheme"),
+            pytest.param("smtp://kilo:pw-8c1d@[::1", id="broken-ipv6"),
+            pytest.param("smtp://kilo:pw-8c1d@mail.example.test:99999", id="port-out-of-range"),
+        ],
+    )
+    def test_bad_smtp_url_is_refused_by_from_env(self, raw: str):
+        """SMTP_URL is validated with the other settings, not later by create_app, and the
+        message never repeats the URL's password."""
+        with pytest.raises(ConfigError, match="SMTP_URL") as raised:
+            from_env(env(SMTP_URL=raw))
+        assert "pw-8c1d" not in str(raised.value)
+
+    @pytest.mark.parametrize(
+        "raw", ["smtp://mail.example.test", "smtps://kilo:pw@mail.example.test:4650"]
+    )
+    def test_good_smtp_url_is_kept(self, raw: str):
+        assert from_env(env(SMTP_URL=raw)).smtp_url == raw
+
+    def test_pool_min_above_max_is_refused(self):
+        with pytest.raises(ConfigError, match="DATABASE_POOL_MIN_SIZE"):
+            from_env(env(DATABASE_POOL_MIN_SIZE="20", DATABASE_POOL_MAX_SIZE="10"))
+
+    def test_missing_config_file_names_the_variable(self, tmp_path: Path):
+        with pytest.raises(ConfigError, match="GATEWAY_CONFIG_FILE"):
+            from_env(env(GATEWAY_CONFIG_FILE=str(tmp_path / "absent.toml")))
+
+    @pytest.mark.parametrize(
+        "content",
+        [
+            pytest.param("[env\n", id="not-toml"),
+            pytest.param("[env]\nGATEWAY_PROT = 1\n", id="unknown-setting"),
+            pytest.param('[env]\nGATEWAY_CONFIG_FILE = "x.toml"\n', id="names-another-file"),
+        ],
+    )
+    def test_bad_config_file_names_the_variable(self, tmp_path: Path, content: str):
+        """A file that is not TOML, or sets what the gateway does not read (a typo)."""
+        path = tmp_path / "staging.toml"
+        path.write_text(content)
+        with pytest.raises(ConfigError, match="GATEWAY_CONFIG_FILE"):
+            from_env(env(GATEWAY_CONFIG_FILE=str(path)))
+
+    def test_bad_value_in_config_file_names_the_setting(self, tmp_path: Path):
+        path = tmp_path / "staging.toml"
+        path.write_text('[env]\nGATEWAY_PORT = "eighty"\n')
+        with pytest.raises(ConfigError, match="GATEWAY_PORT"):
+            from_env(env(GATEWAY_CONFIG_FILE=str(path)))
+
+    def test_config_file_is_recorded(self, tmp_path: Path):
+        path = tmp_path / "staging.toml"
+        path.write_text("[env]\nTRIAL_DAYS = 3\n")
+        config = from_env(env(GATEWAY_CONFIG_FILE=f" {path} "))
+        assert (config.config_file, config.trial_days) == (path, 3)
+        assert from_env(env()).config_file is None
+
+    def test_enterprise_ids_must_be_a_list(self, tmp_path: Path):
+        path = tmp_path / "staging.toml"
+        path.write_text('[migrations]\nenterprise_organization_ids = "one"\n')
+        with pytest.raises(ConfigError, match="enterprise_organization_ids"):
+            from_env(env(GATEWAY_CONFIG_FILE=str(path)))
+
+    def test_serve_with_a_bad_setting_prints_one_line_and_exits_2(self, tmp_path: Path):
+        """`python -m gateway serve` with a bad SMTP_URL: no traceback, a message naming it."""
+        names = {s.name for s in SETTINGS} | {"PYTHONPATH", "PROMETHEUS_MULTIPROC_DIR"}
+        child_env = {k: v for k, v in os.environ.items() if k not in names}
+        child_env.update(
+            OPENROUTER_API_KEY="sk-or-v1-config-test-key",
+            DATABASE_URL="postgresql://nobody@127.0.0.1:1/none",
+            SMTP_URL="https://mail.example.test",
+            USAGE_SPOOL_DIR=str(tmp_path / "spool"),
+        )
+        finished = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve"],
+            cwd=PROJECT_ROOT,
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert finished.returncode == 2, finished.stderr
+        lines = finished.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gateway: configuration error: SMTP_URL")
+        assert "Traceback" not in finished.stderr + finished.stdout
