@@ -2,25 +2,42 @@
 
 OpenRouter reports `usage` (tokens and `cost` in USD) in the JSON of a plain response,
 and in a separate chunk near the end of a stream. The readers here see the bytes the
-client gets, unchanged, and only read what can hold usage: in a stream, the first
-`data:` line (the model) and the `data:` lines that mention usage, an error or `[DONE]`
-(`:` comment lines never); in a JSON response, its end. OpenRouter's own shape is read
-with a few anchored patterns, anything else by decoding. Metering runs for every
-completion, so its cost is measured (`bench/`). No I/O: the proxy feeds the readers,
-the usage module charges.
+client gets, unchanged, and take from them only `model` and `usage` (and a stream's
+in-band `error`).
+
+They decode with msgspec into typed structs that hold just those members: every other
+member (the completion's text, `choices`, `*_details`...) is skipped by the decoder
+without building a Python object, which is why this costs less than `json.loads` does
+for the same answer (metering runs for every completion; `bench/` measures it). The
+members are typed `Any` and judged after the decode, so a member of an unexpected type
+is read the way `json.loads` reads it rather than failing the whole response: tokens
+count only as JSON integers, `cost` goes through `usd_to_microdollars`. Text msgspec
+refuses but Python's `json` reads (`NaN`, numbers past a float, a lone `\\ud800` escape as
+JavaScript's `JSON.stringify` writes a split surrogate pair) is decoded by `json.loads`
+and converted to the same structs, so for any JSON text the answer is the one
+`json.loads` gives (`tests/test_metering.py` holds the two to that); a body neither
+reads gives no usage. One difference is left: bytes that are not UTF-8 inside a skipped
+member are not looked at, where `json.loads` refuses the whole body (and charged nothing).
+
+In a stream only `data:` lines are read (`:` comment lines never), and of those only the
+first (the stream's model) and the ones that mention usage, an error or `[DONE]`: a
+substring search per few kilobytes, and one small decode per line it finds.
+
+No I/O, and no charge: the proxy feeds the readers, asks the `Meter` for the usage and
+turns that into the ledger's charge.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
+
+import msgspec
 
 from gateway.rule import MICRODOLLARS_PER_USD, is_free_model
-from gateway.usage import Charge
 
 BIGINT_MAX = 2**63 - 1
 # Below this many USD (the most one request is charged) a float cost converts exactly
@@ -64,29 +81,83 @@ def usd_to_microdollars(cost: Any) -> int:
     return min(micro, BIGINT_MAX)
 
 
-def usage_from_object(obj: Any, model: str | None = None) -> Usage | None:
-    """The usage in a decoded response object or stream chunk, if it carries one."""
-    if not isinstance(obj, dict):
-        return None
-    usage = obj.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    reported_model = obj.get("model")
-    return _usage(usage, reported_model if isinstance(reported_model, str) else model)
+# --- What is decoded ----------------------------------------------------------------------
+# Only these members; msgspec skips the others (and ignores unknown ones: no
+# `forbid_unknown_fields`). A duplicated key resolves as in `json.loads`: the last wins.
+# `gc=False`: decoded values hold no cycles, so the collector need not track them.
 
 
-def _usage(usage: dict[str, Any], model: str | None) -> Usage:
+class _UsageMembers(msgspec.Struct, gc=False):
+    """The members of `usage` that are charged (`total_tokens`, `is_byok`, the details
+    objects are skipped). `Any`: judged after the decode (`_usage`)."""
+
+    prompt_tokens: Any = None
+    completion_tokens: Any = None
+    cost: Any = 0
+
+
+# `usage` as any JSON value, so that one which is not an object (`null`, a string) gives
+# no usage without failing the decode of the rest (a stream chunk's model still counts).
+_UsageValue = _UsageMembers | list[Any] | str | int | float | bool | None
+
+
+class _Response(msgspec.Struct, gc=False):
+    """A plain JSON completion: its model and its usage."""
+
+    model: Any = None
+    usage: _UsageValue = None
+
+
+class _StreamChunk(msgspec.Struct, gc=False):
+    """One `data:` payload of a stream: its model, its usage, an in-band error."""
+
+    model: Any = None
+    usage: _UsageValue = None
+    error: Any = None
+
+
+class _Request(msgspec.Struct, gc=False):
+    """A completion request: only the model it asks for (`messages` are skipped)."""
+
+    model: Any = None
+
+
+_RESPONSE = msgspec.json.Decoder(_Response)
+_STREAM_CHUNK = msgspec.json.Decoder(_StreamChunk)
+_REQUEST = msgspec.json.Decoder(_Request)
+
+_Decoded = TypeVar("_Decoded", _Response, _StreamChunk, _Request)
+
+
+def _decode(decoder: msgspec.json.Decoder[_Decoded], text: bytes) -> _Decoded | None:
+    """The JSON object `text` as the decoder's struct, as `json.loads` would read it; None
+    when it is not a JSON object."""
+    try:
+        return decoder.decode(text)
+    except msgspec.MsgspecError:
+        pass  # not JSON to msgspec, or not an object: ask the json module (rare)
+    except RecursionError:
+        return None  # nested past the recursion limit: json.loads gives up there too
+    try:
+        # NaN, Infinity, a number past a float, a lone surrogate escape: json.loads reads
+        # them, msgspec does not. Whatever json.loads reads is converted to the same struct.
+        return msgspec.convert(json.loads(text), decoder.type)
+    except (ValueError, RecursionError, msgspec.MsgspecError):
+        return None
+
+
+def _usage(usage: _UsageMembers, model: str | None) -> Usage:
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
     # Positional: a NamedTuple built from keywords costs twice as much, once per request.
     return Usage(
         model,
-        _int_or_none(usage.get("prompt_tokens")),
-        _int_or_none(usage.get("completion_tokens")),
-        usd_to_microdollars(usage.get("cost", 0)),
+        prompt if type(prompt) is int else None,  # an integer: not a bool, not a float
+        completion if type(completion) is int else None,
+        usd_to_microdollars(usage.cost),
     )
 
 
-def _int_or_none(value: Any) -> int | None:
-    return value if type(value) is int else None  # not a bool, not a float
+# --- The readers --------------------------------------------------------------------------
 
 
 class JsonUsageReader:
@@ -114,158 +185,11 @@ class JsonUsageReader:
         if self.overflowed or not self._chunks:
             return None
         body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        usage = usage_at_the_end(body)
-        if usage is not None:
-            return usage
-        try:
-            return usage_from_object(json.loads(body))
-        except (ValueError, RecursionError):
+        response = _decode(_RESPONSE, body)
+        if response is None or not isinstance(response.usage, _UsageMembers):
             return None
-
-
-_USAGE_KEY = b'"usage"'
-_MODEL_KEY = b'"model"'
-_WHITESPACE = b" \t\r\n"
-_CLOSE_BRACE = 0x7D
-# A key's colon and the start of its value: an object for usage, a string without
-# escapes for the model (one with escapes is left to the full decode).
-_USAGE_MEMBER = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
-_MODEL_MEMBER = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*)"')
-_BACKSLASH = 0x5C
-# The C scanner behind json.loads, called directly: the value at an index of a str and
-# where it ends (json.loads adds a wrapper, a type check and two whitespace matches).
-_SCAN_JSON_VALUE: Callable[[str, int], tuple[Any, int]]
-_SCAN_JSON_VALUE = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-
-
-# OpenRouter's own shape, read without decoding: a body that opens with `id`, `provider`
-# and `model`, and ends with a usage object that starts with the tokens and the cost,
-# its other members (`is_byok`, `*_details`) scalars or flat objects whose strings hold
-# no brace, bracket, quote or backslash. Its skeleton (those characters alone) then
-# shows that it ends just before the body's closing brace, not inside an array. Keys
-# already read may not come again (a decoder keeps the last). Anything else is read by
-# the general path, so this only has to give the same answer when it matches JSON.
-_INT = rb"(0|[1-9][0-9]*)"
-_NUMBER = rb"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)"
-_PLAIN_TEXT = rb"[\x20\x21\x23-\x5b\x5d-\x7e]*"  # printable ASCII, no quote or backslash
-_OPENROUTER_HEAD = re.compile(
-    rb'\{"id":"'
-    + _PLAIN_TEXT
-    + rb'","provider":"'
-    + _PLAIN_TEXT
-    + rb'","model":"('
-    + _PLAIN_TEXT
-    + rb')"'
-)
-_OPENROUTER_USAGE = re.compile(
-    rb'"usage":\{"prompt_tokens":'
-    + _INT
-    + rb',"completion_tokens":'
-    + _INT
-    + rb',"total_tokens":(?:0|[1-9][0-9]*),"cost":'
-    + _NUMBER
-    + rb"(?=[,}])"
-)
-_NOT_SKELETON = bytes(set(range(256)) - set(b'{}[]"\\'))
-# Members with plain strings and flat objects, the usage object's brace, the body's.
-_USAGE_TAIL_SKELETON = re.compile(rb'(?:""|\{(?:"")*\})*\}\}\Z')
-_KEY_READ = re.compile(rb'"(?:prompt_tokens|completion_tokens|cost|model)"')
-
-
-def openrouter_usage(body: bytes) -> Usage | None:
-    """The usage of a JSON response in OpenRouter's own shape, or None.
-
-    Metering runs for every completion, so this is a handful of C calls: two anchored
-    patterns, a search and a translation, each over a few hundred bytes at most.
-    """
-    at = body.rfind(_USAGE_KEY)
-    model = _openrouter_model(body, at)
-    known = _OPENROUTER_USAGE.match(body, at) if model is not None else None
-    if known is None:
-        return None
-    tail = body[known.end() :].rstrip(_WHITESPACE)
-    if (
-        _USAGE_TAIL_SKELETON.match(tail.translate(None, _NOT_SKELETON)) is None
-        or _KEY_READ.search(tail) is not None
-    ):
-        return None
-    prompt, completion, cost = known.groups()
-    return Usage(
-        model,
-        int(prompt),
-        int(completion),
-        # As a decoder reads a JSON number: an int unless it has a fraction or exponent.
-        usd_to_microdollars(int(cost) if cost.isdigit() else float(cost)),
-    )
-
-
-def _openrouter_model(body: bytes, before: int) -> str | None:
-    """The model named at the head of a body in OpenRouter's shape, when no other "model"
-    key comes before `before` (a decoder keeps the last); else None."""
-    head = _OPENROUTER_HEAD.match(body)
-    if head is None or head.end() >= before or body.find(_MODEL_KEY, head.end(), before) != -1:
-        return None
-    return head.group(1).decode("ascii")  # printable ASCII without escapes: as it reads
-
-
-def usage_at_the_end(body: bytes) -> Usage | None:
-    """The usage of a JSON response that ends with it, as OpenRouter's do; None when unsure.
-
-    Decoding a whole response to read its last member was the largest part of metering's
-    cost. A `"usage"` whose quotes are not escaped is a key (inside a string every quote
-    is escaped). When the text from its value to the body's closing brace is one JSON
-    object and nothing else, that object is the value and it is the top-level object's
-    last member: anything after it (another member, the closing bracket of a nested
-    value) is left over. The top-level `"model"` is read the same way: the only one in
-    the body, with nothing but the object's own brace opened before it, a plain string.
-    Anything else returns None, and the caller decodes the whole body.
-    """
-    known = openrouter_usage(body)
-    if known is not None:
-        return known
-    closing = len(body.rstrip(_WHITESPACE)) - 1
-    if closing <= 0 or body[closing] != _CLOSE_BRACE:
-        return None
-    at = body.rfind(_USAGE_KEY, 0, closing)
-    member = _USAGE_MEMBER.match(body, at) if at > 0 and body[at - 1] != _BACKSLASH else None
-    if member is None:
-        return None
-    try:
-        text = body[member.end() : closing].decode()
-        usage, end = _SCAN_JSON_VALUE(text, 0)
-    except (ValueError, StopIteration, RecursionError):
-        return None
-    if end != len(text) and not text[end:].isspace():
-        return None
-    model = _top_level_model(body, at)
-    if model is _UNSURE:
-        return None
-    return _usage(usage, model if isinstance(model, str) else None)
-
-
-_UNSURE = object()
-
-
-def _top_level_model(body: bytes, before: int) -> object:
-    """The top-level "model" string (or None when there is none), else _UNSURE."""
-    at = body.find(_MODEL_KEY)
-    if at == -1:
-        return None
-    if (
-        at > before
-        or body[at - 1] == _BACKSLASH
-        or body.find(_MODEL_KEY, at + 1) != -1
-        or body.count(b"{", 0, at) != 1
-        or body.find(b"[", 0, at) != -1
-    ):
-        return _UNSURE
-    member = _MODEL_MEMBER.match(body, at)
-    if member is None:
-        return _UNSURE
-    try:
-        return member.group(1).decode()
-    except UnicodeDecodeError:
-        return _UNSURE
+        model = response.model
+        return _usage(response.usage, model if isinstance(model, str) else None)
 
 
 _WORTH_READING = (b'"usage"', b'"error"', b"[DONE]")
@@ -379,37 +303,19 @@ class SseUsageReader:
 
     def _data(self, payload: bytes) -> None:
         """One `data:` line's payload: the stream's first, or one worth reading."""
-        if payload == b"[DONE]":
-            self._saw_done = True
+        if not payload.startswith(b"{"):  # only an object holds a model, usage or error
+            if payload == b"[DONE]":
+                self._saw_done = True
             return
-        if b'"error"' not in payload:
-            if b'"usage"' in payload:
-                usage = openrouter_usage(payload)
-                if usage is not None:
-                    self._model, self._last_usage = usage.model, usage
-                    return
-            else:
-                # A content chunk in OpenRouter's shape names the model at its start.
-                model = _openrouter_model(payload, len(payload))
-                if model is not None:
-                    self._model = model
-                    return
-        self._decoded(payload)
-
-    def _decoded(self, payload: bytes) -> None:
-        try:
-            obj = json.loads(payload)
-        except ValueError:
+        chunk = _decode(_STREAM_CHUNK, payload)
+        if chunk is None:
             return
-        if not isinstance(obj, dict):
-            return
-        if isinstance(obj.get("model"), str):
-            self._model = obj["model"]
-        if isinstance(obj.get("error"), dict):
-            self._error = obj["error"]
-        usage = usage_from_object(obj, self._model)
-        if usage is not None:
-            self._last_usage = usage
+        if isinstance(chunk.model, str):
+            self._model = chunk.model
+        if isinstance(chunk.error, dict):
+            self._error = chunk.error
+        if isinstance(chunk.usage, _UsageMembers):
+            self._last_usage = _usage(chunk.usage, self._model)
 
 
 def requested_model(body: bytes) -> str | None:
@@ -417,19 +323,16 @@ def requested_model(body: bytes) -> str | None:
 
     The body is decoded as JSON (a duplicated key resolves as the upstream resolves it,
     last one wins): a scan for the first "model" could be told one model while the
-    upstream runs another. Only asked when the answer matters (no credit left, or no
-    usage reported), so large conversations are not decoded on every request.
+    upstream runs another. Only `model` is decoded (the conversation is skipped), and only
+    when the answer matters (no credit left, or no usage reported).
     """
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    model = obj.get("model") if isinstance(obj, dict) else None
+    request = _decode(_REQUEST, body)
+    model = request.model if request is not None else None
     return model if isinstance(model, str) else None
 
 
 class Meter:
-    """Follows one metered request: its model, its response's usage, and its charge."""
+    """Follows one metered request: its model, and the usage its response reported."""
 
     __slots__ = ("_body", "_model", "_model_known", "_reader", "streamed")
 
@@ -454,30 +357,16 @@ class Meter:
         self._reader = SseUsageReader() if self.streamed else JsonUsageReader()
         return self._reader.feed
 
-    def charge(
-        self, request_id: str, organization_id: str, user_id: str, status: int, cancelled: bool
-    ) -> Charge:
-        """The request's charge: what the upstream reported, nothing for `:free` models.
+    def usage(self) -> Usage:
+        """What the request is charged: the usage the upstream reported, nothing for
+        `:free` models; with none reported (an error, a response cut short or never
+        begun), the requested model at no cost.
 
         The model is the one the upstream says it ran, else the one requested.
         """
         usage = self._reader.usage() if self._reader is not None else None
         if usage is None:
-            model, prompt, completion, cost = self.model(), None, None, 0
-        else:
-            model = usage.model or self.model()
-            prompt, completion = usage.prompt_tokens, usage.completion_tokens
-            cost = 0 if is_free_model(model) else usage.cost_microdollars
-        # Positional: this runs once per metered request.
-        return Charge.make(
-            request_id,
-            organization_id,
-            user_id,
-            model,
-            prompt,
-            completion,
-            cost,
-            self.streamed,
-            status,
-            cancelled,
-        )
+            return Usage(self.model(), None, None, 0)
+        model = usage.model or self.model()
+        cost = 0 if is_free_model(model) else usage.cost_microdollars
+        return Usage(model, usage.prompt_tokens, usage.completion_tokens, cost)

@@ -33,8 +33,12 @@ from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
     NotFound,
+    Reason,
     RequestTimeout,
     UpstreamPaymentRequired,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
 )
 from gateway.forwarding import (
     REQUEST_ID_HEADER,
@@ -50,8 +54,15 @@ from gateway.forwarding import (
 from gateway.listings import LISTINGS, MODELS_PATH, listing_headers
 from gateway.metering import METERED_PATHS, Meter
 from gateway.middleware import CLIENT_CLOSED_REQUEST
-from gateway.upstream import UpstreamBroke, UpstreamResponse
-from gateway.usage import UsageLedger
+from gateway.upstream import (
+    UpstreamBroke,
+    UpstreamDown,
+    UpstreamFailed,
+    UpstreamMisspoke,
+    UpstreamResponse,
+    UpstreamSilent,
+)
+from gateway.usage import Charge, UsageLedger
 
 WOULD_BLOCK_HEADER = "X-Gateway-Would-Block"
 _SSE_ERROR_EVENT = (
@@ -133,7 +144,7 @@ async def proxy(
     if not is_proxied(tail, config.proxy_allowed_paths):
         raise NotFound(
             "This OpenRouter endpoint is not available through Kilo Code.",
-            reason="endpoint_not_proxied",
+            reason=Reason.ENDPOINT_NOT_PROXIED,
         )
     methods = allowed_methods(tail)
     if request.method == "OPTIONS":
@@ -204,6 +215,19 @@ class _Body:
         return (await self.meter()).model()
 
 
+def upstream_error(exc: UpstreamFailed | UpstreamBroke) -> GatewayError:
+    """What the client is told when the upstream failed before a response could start."""
+    if isinstance(exc, UpstreamSilent):
+        return UpstreamTimeout("OpenRouter did not answer in time; retry shortly.")
+    if isinstance(exc, UpstreamMisspoke):
+        return UpstreamProtocolError(
+            "OpenRouter sent a response the gateway could not read; retry shortly."
+        )
+    if isinstance(exc, UpstreamDown):
+        return UpstreamUnreachable("The gateway could not reach OpenRouter; retry shortly.")
+    return UpstreamUnreachable("OpenRouter's answer was cut short; retry shortly.")
+
+
 async def send_options(sink: Sink, methods: frozenset[str], ctx: RequestContext) -> None:
     """OPTIONS, answered here: which methods the path takes. Never forwarded."""
     headers: CIMultiDict[str] = CIMultiDict(
@@ -217,7 +241,10 @@ async def send_model_list(
     app: web.Application, request: ProxyRequest, ctx: RequestContext, sink: Sink
 ) -> None:
     """OpenRouter's model list from the cache it shares with the per-organization route."""
-    listing = await app[LISTINGS].get(request.query_string)
+    try:
+        listing = await app[LISTINGS].get(request.query_string)
+    except (UpstreamFailed, UpstreamBroke) as exc:
+        raise upstream_error(exc) from exc
     ctx.upstream_status = listing.status
     headers = listing_headers(listing, ctx.request_id)
     await sink.start(listing.status, listing.reason, headers, len(listing.body))
@@ -244,11 +271,18 @@ class _Charger:
         if self.done:
             return
         self.done = True
+        usage = self._meter.usage()
+        # Positional: this runs once per metered request.
         self._ledger.record(
-            self._meter.charge(
+            Charge.make(
                 self._ctx.request_id,
                 self._caller.organization_id,
                 self._caller.user_id,
+                usage.model,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.cost_microdollars,
+                self._meter.streamed,
                 status,
                 cancelled,
             )
@@ -267,7 +301,10 @@ async def send_upstream(
         plain_body=request.method not in READ_METHODS,
     )
     started = time.perf_counter()
-    upstream = await client.request(request.method, target, headers.items(), body)
+    try:
+        upstream = await client.request(request.method, target, headers.items(), body)
+    except UpstreamFailed as exc:
+        raise upstream_error(exc) from exc
     ctx.ttfb_seconds = time.perf_counter() - started
     ctx.upstream_status = upstream.status
     if upstream.status == 402:

@@ -10,6 +10,8 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import types
+import unittest.mock
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -19,18 +21,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.fake_upstream import MID_STREAM_ERROR_MODEL, UpstreamSettings, start_upstream
+from gateway import metering
+from gateway.auth import Caller
+from gateway.context import RequestContext
 from gateway.metering import (
     MAX_LINE_BYTES,
     JsonUsageReader,
     Meter,
     SseUsageReader,
     Usage,
-    openrouter_usage,
     requested_model,
-    usage_at_the_end,
-    usage_from_object,
     usd_to_microdollars,
 )
+from gateway.proxy import _Charger
+from gateway.usage import Charge
 
 MODEL = "openai/gpt-4o-mini"
 FREE_MODEL = "meta-llama/llama-3.3-70b-instruct:free"
@@ -244,6 +248,14 @@ def test_an_overlong_line_is_dropped_without_losing_later_usage(captured: Captur
 # --- JSON responses -----------------------------------------------------------------------
 
 
+def read_json(pieces: list[bytes]) -> Usage | None:
+    """The usage a JSON reader fed `pieces` in order reports."""
+    reader = JsonUsageReader()
+    for piece in pieces:
+        reader.feed(piece)
+    return reader.usage()
+
+
 def test_json_response_usage(captured: Captured) -> None:
     """A plain JSON completion's `usage` is read once the body is complete, however cut."""
     body = captured.chat_json
@@ -277,19 +289,33 @@ def test_json_overflow_gives_no_usage() -> None:
     assert reader.usage() is None
 
 
-def test_usage_from_object_ignores_non_integer_tokens() -> None:
+def test_non_integer_tokens_are_recorded_as_none() -> None:
     """Token counts that are not integers (floats, strings, booleans) are recorded as None."""
-    usage = usage_from_object(
-        {"model": "m", "usage": {"prompt_tokens": 1.5, "completion_tokens": True, "cost": "1"}}
+    body = {"model": "m", "usage": {"prompt_tokens": 1.5, "completion_tokens": True, "cost": "1"}}
+    assert read_json([json.dumps(body).encode()]) == Usage("m", None, None, 1_000_000)
+
+
+def reference_usage(obj: Any, model: str | None = None) -> Usage | None:
+    """The reference reading of a decoded response or stream chunk: its `usage` when that is
+    an object, under its `model` when that is a string (else `model`), integer tokens only,
+    the cost in microdollars."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
+        return None
+    usage, reported = obj["usage"], obj.get("model")
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return Usage(
+        reported if isinstance(reported, str) else model,
+        prompt if type(prompt) is int else None,
+        completion if type(completion) is int else None,
+        usd_to_microdollars(usage.get("cost", 0)),
     )
-    assert usage == Usage("m", None, None, 1_000_000)
 
 
 def slow_usage(body: bytes) -> Usage | None:
-    """The reference: decode the whole body, then read its usage."""
+    """The reference: decode the whole body with `json.loads`, then read its usage."""
     try:
-        return usage_from_object(json.loads(body))
-    except ValueError:
+        return reference_usage(json.loads(body))
+    except (ValueError, RecursionError):
         return None
 
 
@@ -303,7 +329,7 @@ USAGE = {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46, "cost
         {"id": "gen-1", "model": MODEL, "choices": [], "usage": USAGE},
         {"model": MODEL, "usage": USAGE},
         {"usage": USAGE},
-        {"id": "x", "usage": USAGE, "model": MODEL},  # usage not last: decoded whole
+        {"id": "x", "usage": USAGE, "model": MODEL},  # usage not last
         {"choices": [{"message": {"content": '"usage": {"cost": 9}}'}}], "usage": USAGE},
         {"choices": [{"message": {"role": "model"}}], "model": MODEL, "usage": USAGE},
         {"choices": [{"usage": {"cost": 9}}], "model": MODEL, "usage": USAGE},
@@ -316,19 +342,15 @@ USAGE = {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46, "cost
     ],
 )
 @pytest.mark.parametrize("indent", [None, 2])
-def test_usage_read_from_the_end_agrees_with_decoding_the_whole(body: Any, indent: Any) -> None:
-    """Reading the trailing usage gives what decoding the whole body gives, or defers to it."""
+def test_usage_agrees_with_decoding_the_whole(body: Any, indent: Any) -> None:
+    """The reader gives what decoding the whole body with `json.loads` gives."""
     raw = json.dumps(body, indent=indent).encode()
-    reader = JsonUsageReader()
-    reader.feed(raw)
-    assert reader.usage() == slow_usage(raw)
-    fast = usage_at_the_end(raw)
-    assert fast is None or fast == slow_usage(raw)
+    assert read_json([raw]) == slow_usage(raw)
 
 
-def test_usage_read_from_the_end_of_openrouters_response(captured: Captured) -> None:
-    """The fake OpenRouter's JSON response is read from its end, without decoding it whole."""
-    assert usage_at_the_end(captured.chat_json) == EXPECTED
+def test_openrouters_json_response_is_read(captured: Captured) -> None:
+    """The fake OpenRouter's JSON response gives its usage."""
+    assert read_json([captured.chat_json]) == EXPECTED
 
 
 JSON_VALUES = st.recursive(
@@ -348,18 +370,15 @@ JSON_VALUES = st.recursive(
         st.none(), st.fixed_dictionaries({"cost": st.floats(0, 10), "prompt_tokens": st.integers()})
     ),
 )
-def test_any_body_reads_the_same_usage_from_its_end(head: dict[str, Any], usage: Any) -> None:
-    """For any JSON object, the trailing-usage reader agrees with a full decode or defers."""
+def test_any_body_reads_as_json_loads_reads_it(head: dict[str, Any], usage: Any) -> None:
+    """For any JSON object, with or without a trailing usage, the reader agrees with a
+    full decode."""
     body = dict(head)
     if usage is not None:
         body.pop("usage", None)
         body["usage"] = usage
     raw = json.dumps(body).encode()
-    fast = usage_at_the_end(raw)
-    assert fast is None or fast == slow_usage(raw)
-    reader = JsonUsageReader()
-    reader.feed(raw)
-    assert reader.usage() == slow_usage(raw)
+    assert read_json([raw]) == slow_usage(raw)
 
 
 # OpenRouter's JSON response as of late 2025: usage last, with its details objects.
@@ -376,16 +395,16 @@ OPENROUTER_BODY = (
 )
 
 
-def test_openrouters_own_shape_is_read_without_decoding(captured: Captured) -> None:
-    """The fast path takes OpenRouter's real response and the fake's, and agrees with a decode."""
-    assert openrouter_usage(OPENROUTER_BODY) == slow_usage(OPENROUTER_BODY)
-    assert openrouter_usage(OPENROUTER_BODY) == Usage(MODEL, 12, 34, 420)
-    assert openrouter_usage(captured.chat_json) == EXPECTED
-    assert openrouter_usage(OPENROUTER_BODY + b"\n") == Usage(MODEL, 12, 34, 420)
+def test_openrouters_own_shape_is_read(captured: Captured) -> None:
+    """OpenRouter's real response and the fake's give their usage, as a decode does."""
+    assert read_json([OPENROUTER_BODY]) == slow_usage(OPENROUTER_BODY)
+    assert read_json([OPENROUTER_BODY]) == Usage(MODEL, 12, 34, 420)
+    assert read_json([captured.chat_json]) == EXPECTED
+    assert read_json([OPENROUTER_BODY + b"\n"]) == Usage(MODEL, 12, 34, 420)
 
 
 PLAIN_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=8)
-# Keys near the ones the fast path reads or refuses, so duplicates and look-alikes occur.
+# Keys near the ones read, so duplicates and look-alikes occur.
 USAGE_KEYS = st.sampled_from(
     ["is_byok", "cost", "prompt_tokens", "completion_tokens", "cost_details", "model", "x"]
 )
@@ -427,8 +446,7 @@ def test_openrouters_shape_reads_as_a_decoder_reads_it(
     ending: str,
 ) -> None:
     """Bodies in and near OpenRouter's shape (duplicate keys, nested look-alikes, strings
-    with braces and quotes, junk after the usage): the fast path agrees with a full
-    decode whenever it answers, and so does the reader as a whole."""
+    with braces and quotes, junk after the usage): the reader agrees with a full decode."""
     usage = [
         ("prompt_tokens", tokens[0]),
         ("completion_tokens", tokens[1]),
@@ -439,9 +457,319 @@ def test_openrouters_shape_reads_as_a_decoder_reads_it(
     pairs = [("id", head[0]), ("provider", head[1]), ("model", head[2]), *middle]
     text = members(pairs)[:-1] + f',"usage":{members(usage)}' + ending
     raw = text.encode()
-    fast = openrouter_usage(raw)
-    assert fast is None or fast == slow_usage(raw)
-    assert usage_at_the_end(raw) in (None, slow_usage(raw))
+    assert read_json([raw]) == slow_usage(raw)
+
+
+# --- Equivalence with json.loads ----------------------------------------------------------
+# Generated responses, streams and requests, read by the readers and by `json.loads` plus
+# the reference reading above, in any cuts: the two must agree on every one.
+
+# Any text, surrogates included (written as `\ud83d` escapes, or encoded as-is, which
+# json.loads(bytes) also reads), and text made of JSON's own syntax and the keys read.
+TEXT = (
+    st.text(max_size=12)
+    | st.text(st.characters(exclude_categories=()), max_size=4)
+    | st.lists(
+        st.sampled_from(
+            [
+                '"usage"',
+                '"model":',
+                '"error"',
+                "[DONE]",
+                "{",
+                "}",
+                "[",
+                "]",
+                "\\",
+                '"',
+                ",",
+                ":",
+                " ",
+                "x",
+                "é",
+                "\U0001f642",
+                "\u2028",
+                "\x00",
+                "\n",
+                "data: ",
+            ]
+        ),
+        max_size=6,
+    ).map("".join)
+)
+NUMBERS = st.integers() | st.floats() | st.integers(-(2**70), 2**70)  # NaN, Infinity too
+KEYS = st.sampled_from(["usage", "model", "error", "cost", "prompt_tokens", "x"]) | TEXT
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | NUMBERS | TEXT,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(KEYS, children, max_size=3),
+    max_leaves=8,
+)
+# Mostly what OpenRouter sends; now and then anything.
+SCALARS = st.none() | st.booleans() | NUMBERS | TEXT
+TOKENS = st.integers(0, 10**6) | st.integers(0, 10**6) | st.integers() | SCALARS | ANY_JSON
+COSTS = (
+    st.floats(0, 10)
+    | st.floats(min_value=0, max_value=1e-3)
+    | st.integers(0, 9)
+    | st.sampled_from(["0.00042", "1e-6", "-1", "1e400", 1e300, -0.0, -1e-6])
+    | SCALARS
+    | ANY_JSON
+)
+
+
+class Members(list[tuple[str, Any]]):
+    """An object written member by member, in this order, duplicate keys kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """How a generated object is written: escapes, separators, surrounding whitespace."""
+
+    ensure_ascii: bool
+    item: str
+    key: str
+    around: str
+
+    def encode(self, value: Any) -> bytes:
+        text = self.around + self.text(value) + self.around
+        return text.encode("utf-8", "surrogatepass")
+
+    def text(self, value: Any) -> str:
+        if isinstance(value, Members):
+            return (
+                "{"
+                + self.item.join(
+                    json.dumps(k, ensure_ascii=self.ensure_ascii) + self.key + self.text(v)
+                    for k, v in value
+                )
+                + "}"
+            )
+        if isinstance(value, list):
+            return "[" + self.item.join(self.text(v) for v in value) + "]"
+        return json.dumps(value, ensure_ascii=self.ensure_ascii, separators=(self.item, self.key))
+
+
+def styles(multiline: bool) -> st.SearchStrategy[Style]:
+    """Compact as OpenRouter writes it, spaced, or (outside a stream) indented."""
+    items = [",", ", "] + ([",\n  ", ",\r\n\t"] if multiline else [])
+    return st.builds(
+        Style,
+        st.booleans(),
+        st.sampled_from(items),
+        st.sampled_from([":", ": ", " : "]),
+        st.sampled_from(["", " ", "\n", "\r\n\t"] if multiline else [""]),
+    )
+
+
+@st.composite
+def shuffled(draw: st.DrawFn, pairs: list[tuple[str, Any]]) -> Members:
+    """`pairs` in any order, some left out, with extra members (look-alike keys and
+    duplicates of the ones read) anywhere among them."""
+    kept = [p for p in draw(st.permutations(pairs)) if draw(st.integers(0, 5))]
+    for extra in draw(st.lists(st.tuples(KEYS, ANY_JSON), max_size=3)):
+        kept.insert(draw(st.integers(0, len(kept))), extra)
+    return Members(kept)
+
+
+@st.composite
+def usage_objects(draw: st.DrawFn) -> Any:
+    """OpenRouter's usage object, members reordered, dropped, added or of other types;
+    now and then not an object at all."""
+    details = {"cached_tokens": draw(TOKENS), "audio_tokens": 0}
+    costs = {
+        "upstream_inference_cost": draw(st.none() | NUMBERS),
+        "upstream_inference_prompt_cost": draw(NUMBERS),
+    }
+    pairs = [
+        ("prompt_tokens", draw(TOKENS)),
+        ("completion_tokens", draw(TOKENS)),
+        ("total_tokens", draw(TOKENS)),
+        ("cost", draw(COSTS)),
+        ("is_byok", draw(st.booleans())),
+        ("prompt_tokens_details", details),
+        ("cost_details", costs),
+        ("completion_tokens_details", {"reasoning_tokens": draw(TOKENS)}),
+    ]
+    other = st.sampled_from([None, [], "none"]) | ANY_JSON
+    return draw(st.one_of(shuffled(pairs), shuffled(pairs), shuffled(pairs), other))
+
+
+MODELS = st.sampled_from([MODEL, FREE_MODEL]) | st.just(MODEL) | TEXT | SCALARS
+
+
+@st.composite
+def responses(draw: st.DrawFn) -> Members:
+    """A JSON completion in OpenRouter's shape, with everything about it varied."""
+    message = {"role": "assistant", "content": draw(TEXT), "refusal": None}
+    choice = {"logprobs": None, "finish_reason": "stop", "index": 0, "message": message}
+    pairs = [
+        ("id", "gen-" + draw(TEXT)),
+        ("provider", draw(TEXT)),
+        ("model", draw(MODELS)),
+        ("object", "chat.completion"),
+        ("created", draw(NUMBERS)),
+        ("choices", [choice, *draw(st.lists(ANY_JSON, max_size=2))]),
+        ("usage", draw(usage_objects())),
+    ]
+    return draw(shuffled(pairs))
+
+
+@settings(max_examples=800, derandomize=True, database=None, deadline=None)
+@given(body=responses(), style=styles(multiline=True), data=st.data())
+def test_responses_read_as_json_loads_reads_them(
+    body: Members, style: Style, data: st.DataObject
+) -> None:
+    """Any response in and near OpenRouter's shape (members in any order, missing, repeated
+    or of another type, unicode, surrogates, NaN, huge numbers, any spacing), cut anywhere:
+    the reader's usage is the one `json.loads` and the reference reading give; and so
+    is it for the body cut short."""
+    raw = style.encode(body)
+    positions = data.draw(st.lists(st.integers(0, len(raw)), max_size=8))
+    assert read_json(cut(raw, positions)) == slow_usage(raw)
+    cut_short = raw[: data.draw(st.integers(0, len(raw)))]  # the upstream broke off
+    assert read_json([cut_short]) == slow_usage(cut_short)
+
+
+@st.composite
+def events(draw: st.DrawFn, model: Any) -> tuple[str, Any]:
+    """One event of a stream: a data line (a content, usage or error chunk, or junk), a
+    comment, or another field."""
+    kind = draw(st.sampled_from(["content", "content", "usage", "error", "junk", "comment"]))
+    if kind == "comment":
+        return "comment", draw(TEXT).replace("\n", " ")
+    if kind == "junk":
+        junk = ['not json, "usage"', '["usage"]', '{"usage": "none"}', "[DONE]", '"error"', ""]
+        return "raw", draw(st.sampled_from(junk))
+    pairs = [
+        ("id", "gen-1"),
+        ("provider", "OpenAI"),
+        ("model", draw(st.just(model) | MODELS)),
+        ("object", "chat.completion.chunk"),
+        ("created", 1764000000),
+    ]
+    if kind == "content":
+        delta = {"role": "assistant", "content": draw(TEXT)}
+        pairs.append(("choices", [{"index": 0, "delta": delta, "finish_reason": None}]))
+    elif kind == "usage":
+        pairs += [("choices", []), ("usage", draw(usage_objects()))]
+    else:
+        error = draw(st.fixed_dictionaries({"code": NUMBERS, "message": TEXT}) | ANY_JSON)
+        pairs.append(("error", error))
+    return "data", draw(shuffled(pairs))
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> bytes:
+    """An event stream as OpenRouter sends it, and near it."""
+    model = draw(MODELS)
+    style = draw(styles(multiline=False))
+    newline = draw(st.sampled_from(["\n", "\r\n"]))
+    prefix = draw(st.sampled_from(["data: ", "data:"]))
+    text = ""
+    for kind, value in draw(st.lists(events(model), max_size=8)):
+        if kind == "comment":
+            text += ": " + value + newline + newline
+            continue
+        if draw(st.booleans()):
+            text += draw(st.sampled_from(['event: "usage"', 'id: "error"', "retry: 1"])) + newline
+        payload = value if kind == "raw" else style.encode(value).decode("utf-8", "surrogatepass")
+        text += prefix + payload + newline + newline
+    if draw(st.booleans()):
+        text += prefix + "[DONE]" + newline + newline
+    return text.encode("utf-8", "surrogatepass")
+
+
+def reference_stream(
+    stream: bytes,
+) -> tuple[Usage | None, str | None, dict[str, Any] | None, bool]:
+    """The reference reading of a stream: its complete `data:` lines, the first and those
+    that mention usage, an error or [DONE], each decoded by `json.loads`; the last usage,
+    the last model named, the last error object, whether [DONE] came."""
+    usage = model = error = None
+    done = first = False
+    for line in stream[: stream.rfind(b"\n") + 1].split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        if first and not any(n in line for n in (b'"usage"', b'"error"', b"[DONE]")):
+            continue
+        first = True
+        payload = line[len(b"data:") :].strip()
+        if payload == b"[DONE]":
+            done = True
+            continue
+        try:
+            obj = json.loads(payload)
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(obj, dict):
+            continue
+        if isinstance(obj.get("model"), str):
+            model = obj["model"]
+        if isinstance(obj.get("error"), dict):
+            error = obj["error"]
+        usage = reference_usage(obj, model) or usage
+    return usage, model, error, done
+
+
+@settings(max_examples=600, derandomize=True, database=None, deadline=None)
+@given(
+    stream=streams(),
+    read_every=st.sampled_from([1, 10, 100, metering.READ_EVERY_BYTES]),
+    data=st.data(),
+)
+def test_streams_read_as_json_loads_reads_their_lines(
+    stream: bytes, read_every: int, data: st.DataObject
+) -> None:
+    """Any stream in and near OpenRouter's shape, cut anywhere and read in batches of any
+    size: the reader's usage, model, error and [DONE] are the reference reading's."""
+    positions = data.draw(st.lists(st.integers(0, len(stream)), max_size=20))
+    with unittest.mock.patch.object(metering, "READ_EVERY_BYTES", read_every):
+        reader = read_stream(cut(stream, positions))
+        assert (reader.usage(), reader.model, reader.error, reader.saw_done) == (
+            reference_stream(stream)
+        )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"m","x":NaN,"usage":{"prompt_tokens":1,"completion_tokens":2,"cost":1e-6}}',
+        b'{"model":"m","usage":{"prompt_tokens":1,"completion_tokens":2,"cost":Infinity}}',
+        b'{"model":"m","usage":{"prompt_tokens":1,"completion_tokens":2,"cost":1e400}}',
+        b'{"model":"m","usage":{"prompt_tokens":1e400,"completion_tokens":2,"cost":-1e400}}',
+        b'{"model":"m","choices":[{"delta":{"content":"\\ud83d"}}],"usage":{"cost":1e-6}}',
+        b'{"model":"\\ud83d","usage":{"prompt_tokens":1,"cost":1e-6}}',
+        b'{"model":"\xed\xa0\xbd","usage":{"prompt_tokens":1,"cost":1e-6}}',
+        b'{"model":"m","usage":{"prompt_tokens":100000000000000000000000,"cost":1e-6}}',
+    ],
+    ids=[
+        "nan-elsewhere",
+        "infinite-cost",
+        "cost-past-a-float",
+        "tokens-past-a-float",
+        "lone-surrogate-escape",
+        "lone-surrogate-model",
+        "encoded-surrogate-model",
+        "huge-tokens",
+    ],
+)
+def test_what_json_loads_reads_is_read(body: bytes) -> None:
+    """JSON msgspec refuses but Python's json reads (NaN, Infinity, numbers past a float,
+    lone surrogates) gives the usage json.loads gives, in a response and a stream chunk."""
+    expected = slow_usage(body)
+    assert expected is not None
+    assert read_json([body]) == expected
+    assert read_stream([b"data: " + body + b"\n\n"]).usage() == expected
+    assert requested_model(body) == json.loads(body)["model"]
+
+
+def test_bytes_not_utf8_in_a_skipped_member_still_charge() -> None:
+    """The one difference from json.loads: bytes that are not UTF-8 inside a member that is
+    not read are not looked at, so the usage is still read (json.loads refuses the body)."""
+    body = b'{"model":"m","choices":[{"message":{"content":"\xff\xc0"}}],"usage":{"cost":1e-6}}'
+    assert slow_usage(body) is None
+    assert read_json([body]) == Usage("m", None, None, 1)
+    assert read_stream([b"data: " + body + b"\n\n"]).usage() == Usage("m", None, None, 1)
 
 
 # --- USD to microdollars ------------------------------------------------------------------
@@ -570,19 +898,47 @@ def test_requested_model_is_the_one_the_upstream_uses(body: bytes) -> None:
     assert requested_model(body) == json.loads(body)["model"] == "paid/model"
 
 
+@settings(max_examples=800, derandomize=True, database=None, deadline=None)
+@given(
+    body=shuffled(
+        [
+            ("model", "paid/model"),
+            ("messages", [{"role": "user", "content": 'say "model": "evil:free"'}]),
+            ("stream", True),
+        ]
+    ),
+    model=MODELS,
+    style=styles(multiline=True),
+)
+def test_requested_model_reads_as_json_loads_reads_it(
+    body: Members, model: Any, style: Style
+) -> None:
+    """Any request (models nested, repeated, of other types, any text and spacing): the
+    model read is the top-level one `json.loads` sees, when it is a string."""
+    body.insert(len(body) // 2, ("model", model))
+    raw = style.encode(body)
+    try:
+        decoded = json.loads(raw)
+    except (ValueError, RecursionError):
+        decoded = None
+    expected = decoded.get("model") if isinstance(decoded, dict) else None
+    assert requested_model(raw) == (expected if isinstance(expected, str) else None)
+
+
 # --- Meter --------------------------------------------------------------------------------
 
 
-def charge_of(meter: Meter, **overrides: Any) -> Any:
-    fields: dict[str, Any] = {
-        "request_id": "req_1",
-        "organization_id": "org",
-        "user_id": "user",
-        "status": 200,
-        "cancelled": False,
-    }
-    fields.update(overrides)
-    return meter.charge(**fields)
+def charge_of(meter: Meter, *, status: int = 200, cancelled: bool = False) -> Charge:
+    """The charge the proxy records for the request `meter` followed."""
+    recorded: list[Charge] = []
+    ledger: Any = types.SimpleNamespace(record=recorded.append)
+    caller = Caller(user_id="user", organization_id="org", role="member")
+    charge = _Charger(ledger, RequestContext("req_1", "proxy"), caller, meter)
+    charge(status, cancelled=cancelled)
+    charge(status, cancelled=cancelled)  # once, however the request ends
+    (only,) = recorded
+    assert (only.request_id, only.organization_id, only.user_id) == ("req_1", "org", "user")
+    return only
 
 
 def test_meter_charges_a_stream(captured: Captured) -> None:
@@ -631,3 +987,38 @@ def test_meter_never_started_charges_zero() -> None:
     """A request whose response never began (upstream unreachable) is charged 0."""
     charge = charge_of(Meter(b'{"model":"m"}'), status=502)
     assert (charge.model, charge.cost_microdollars, charge.status) == ("m", 0, 502)
+
+
+@pytest.mark.parametrize(
+    ("reported", "requested", "usage"),
+    [
+        ({"model": "a/b"}, "x/y", Usage("a/b", 1, 2, 3)),
+        ({}, "x/y", Usage("x/y", 1, 2, 3)),
+        ({"model": ""}, "x/y", Usage("x/y", 1, 2, 3)),
+        ({"model": 7}, "x/y", Usage("x/y", 1, 2, 3)),
+        ({"model": "a/b:free"}, "x/y", Usage("a/b:free", 1, 2, 0)),
+        ({}, "x/y:free", Usage("x/y:free", 1, 2, 0)),
+        ({"model": "a/b"}, "x/y:free", Usage("a/b", 1, 2, 3)),
+    ],
+    ids=[
+        "upstreams",
+        "none-reported",
+        "empty",
+        "not-a-string",
+        "free",
+        "free-requested",
+        "upstream-ran-paid",
+    ],
+)
+@pytest.mark.parametrize("content_type", ["application/json", "text/event-stream"])
+def test_meter_usage_is_charged_to_the_model_the_upstream_ran(
+    reported: dict[str, Any], requested: str, usage: Usage, content_type: str
+) -> None:
+    """The usage is the upstream's model's (else the requested one's), free for `:free`."""
+    body = json.dumps(
+        {**reported, "usage": {"prompt_tokens": 1, "completion_tokens": 2, "cost": 3e-6}}
+    ).encode()
+    meter = Meter(json.dumps({"model": requested}).encode())
+    feed = meter.start(content_type)
+    feed(b"data: " + body + b"\n\n" if content_type == "text/event-stream" else body)
+    assert meter.usage() == usage
