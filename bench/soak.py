@@ -39,7 +39,7 @@ from bench.database import seed
 from bench.postgres import HOST, PostgresCluster
 from bench.procs import free_port, ready_or_stop, rss_bytes, spawn, stop_leftovers
 from gateway.config import load_defaults
-from gateway.migrations import migrate
+from gateway.platform.migrations import migrate
 
 MODEL: Final = "openai/gpt-4o-mini"
 UPSTREAM_KEY: Final = "sk-or-v1-soak-upstream-key-not-a-secret"

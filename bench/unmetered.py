@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import runpy
 
-from gateway import proxy
+from gateway.proxy import route as proxy
 
 # At import, not under __main__: `serve --workers N` spawns worker processes, and each
 # imports this module again (as `__mp_main__`) before it runs the gateway.

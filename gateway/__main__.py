@@ -6,13 +6,13 @@ import argparse
 import asyncio
 import sys
 
-from gateway import admin
 from gateway import config as gateway_config
-from gateway.database import connect
+from gateway.accounts import admin
+from gateway.accounts.stripe_setup import run_stripe_setup
 from gateway.errors import GatewayError
-from gateway.logs import flush, setup_logging
+from gateway.platform.database import connect
+from gateway.platform.logs import flush, setup_logging
 from gateway.server import apply_migrations, serve, with_database
-from gateway.stripe_setup import run_stripe_setup
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

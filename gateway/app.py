@@ -14,34 +14,26 @@ from functools import partial
 
 from aiohttp import web
 
-from gateway import (
-    billing,
-    invitations,
-    listings,
-    logs,
-    mailer,
-    metrics,
-    organizations,
-    profile,
-    queries,
-    reminders,
-    webhooks,
-)
-from gateway.appkeys import CACHE, CONFIG, IN_FLIGHT, LEDGER, LISTENER, POOL, QUERIES, UPSTREAM
-from gateway.cache import FactsCache
-from gateway.config import Config
-from gateway.database import QueryLimiter, create_pool
+from gateway.access import queries
+from gateway.access.cache import CACHE, FactsCache
+from gateway.access.listener import LISTENER, ChangeListener
+from gateway.access.queries import ApiKey
+from gateway.access.rule import OrgFacts
+from gateway.accounts import checkout as billing
+from gateway.accounts import invitations, mailer, organizations, profile, reminders, webhooks
+from gateway.accounts.reports import usage_report_handler
+from gateway.common.context import IN_FLIGHT
+from gateway.config import CONFIG, Config
 from gateway.errors import DatabaseUnavailable
-from gateway.health import healthz, readyz
-from gateway.listener import ChangeListener
-from gateway.metrics import metrics_handler
-from gateway.middleware import gateway_middleware
-from gateway.proxy import proxy_handler
-from gateway.queries import ApiKey
-from gateway.reports import usage_report_handler
-from gateway.rule import OrgFacts
-from gateway.upstream import CONNECT_TIMEOUT_SECONDS, UpstreamClient
-from gateway.usage import UsageLedger
+from gateway.ledger.writer import LEDGER, UsageLedger
+from gateway.platform import logs, metrics
+from gateway.platform.database import POOL, QUERIES, QueryLimiter, create_pool
+from gateway.platform.metrics import metrics_handler
+from gateway.proxy import listings
+from gateway.proxy.route import proxy_handler
+from gateway.proxy.upstream import CONNECT_TIMEOUT_SECONDS, UPSTREAM, UpstreamClient
+from gateway.serve.health import healthz, readyz
+from gateway.serve.middleware import gateway_middleware
 
 
 def create_app(config: Config) -> web.Application:

@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from yarl import URL
 
 from gateway.plans import PROJECT_ROOT as PROJECT_ROOT
@@ -119,10 +120,36 @@ def http_url(setting: Setting, raw: str) -> str:
     return str(url).rstrip("/")
 
 
-def smtp(setting: Setting, raw: str) -> str:
-    """Checked here, at start; the mailer, which owns the URL's form, parses it again."""
-    from gateway.mailer import parse_smtp_url  # gateway.mailer imports this module
+SMTP_DEFAULT_PORTS = {"smtp": 25, "smtps": 465}
 
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SmtpSettings:
+    """Where and how the mailer delivers, parsed from `SMTP_URL`."""
+
+    hostname: str
+    port: int
+    use_tls: bool
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+
+
+def parse_smtp_url(url: str) -> SmtpSettings:
+    """`smtp://user:password@host:port` or `smtps://…`; ConfigError naming SMTP_URL otherwise."""
+    parsed = URL(url)
+    if parsed.scheme not in SMTP_DEFAULT_PORTS or not parsed.host:
+        raise ConfigError("SMTP_URL must look like smtp://user:password@host:port or smtps://…")
+    return SmtpSettings(
+        hostname=parsed.host,
+        port=parsed.explicit_port or SMTP_DEFAULT_PORTS[parsed.scheme],
+        use_tls=parsed.scheme == "smtps",
+        username=parsed.user or None,
+        password=parsed.password or None,
+    )
+
+
+def smtp(setting: Setting, raw: str) -> str:
+    """Checked here, at start; the mailer parses it again when it starts."""
     try:
         parse_smtp_url(raw)
     except ConfigError:
@@ -299,3 +326,7 @@ def _value(env: Mapping[str, str], defaults: Mapping[str, Any], name: str) -> st
     if isinstance(default, bool):
         return "true" if default else "false"
     return str(default)
+
+
+# The application's configuration (`app[CONFIG]`).
+CONFIG = web.AppKey("config", Config)

@@ -14,13 +14,13 @@ from typing import Any
 
 import structlog
 
-from gateway import migrations
 from gateway.app import create_app
 from gateway.config import Config
-from gateway.database import connect, start_embedded
-from gateway.logs import setup_logging
-from gateway.metrics import MULTIPROCESS_DIR_VARIABLE
-from gateway.runner import serve_until_signalled
+from gateway.platform import migrations
+from gateway.platform.database import connect, start_embedded
+from gateway.platform.logs import setup_logging
+from gateway.platform.metrics import MULTIPROCESS_DIR_VARIABLE
+from gateway.serve.runner import serve_until_signalled
 
 log = structlog.get_logger("gateway.server")
 

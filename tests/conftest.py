@@ -26,9 +26,9 @@ from yarl import URL
 from bench.fake_upstream import RunningUpstream, start_upstream
 from gateway import config as gateway_config
 from gateway.app import create_app
-from gateway.logs import setup_logging
-from gateway.migrations import migrate
-from gateway.runner import runner_for
+from gateway.platform.logs import setup_logging
+from gateway.platform.migrations import migrate
+from gateway.serve.runner import runner_for
 from tests.factories import Seed
 
 TEMPLATE_DB = "gateway_test_template"

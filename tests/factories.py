@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from gateway.auth import hash_token
+from gateway.access.auth import hash_token
 
 # What a test organization has bought unless the test says otherwise: $100.
 DEFAULT_CREDITS_MICRODOLLARS = 100_000_000

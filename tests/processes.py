@@ -34,7 +34,7 @@ from yarl import URL
 from bench import postgres
 from bench.procs import free_port as free_port
 from gateway.config import PROJECT_ROOT, load_defaults
-from gateway.migrations import migrate
+from gateway.platform.migrations import migrate
 
 GATEWAY_READY_DEADLINE_SECONDS = 20.0
 POLL_SECONDS = 0.02

@@ -1,4 +1,4 @@
-"""Every aiohttp internal the gateway touches (`gateway/aiohttp_internals.py`) is still there.
+"""Every aiohttp internal the gateway touches (`platform/aiohttp_internals.py`) is there.
 
 An aiohttp release that renames one of them fails here, by name, rather than somewhere
 in the connection handling at run time.
@@ -16,9 +16,9 @@ import pytest
 from aiohttp import web
 from aiohttp.http_parser import SINGLETON_HEADERS as aiohttp_singletons
 
-from gateway import aiohttp_internals
-from gateway.aiohttp_internals import INTERNALS, Internal
-from gateway.proxyserver import SINGLETON_HEADERS
+from gateway.platform import aiohttp_internals
+from gateway.platform.aiohttp_internals import INTERNALS, Internal
+from gateway.serve.fastpath import SINGLETON_HEADERS
 
 
 @pytest.fixture

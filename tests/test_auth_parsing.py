@@ -11,7 +11,7 @@ import uuid
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.auth import MAX_TOKEN_LENGTH, bearer_token, hash_token, parse_organization_id
+from gateway.access.auth import MAX_TOKEN_LENGTH, bearer_token, hash_token, parse_organization_id
 from gateway.errors import BadRequest, InvalidApiKey
 
 ORG_ID = "0b9e4a5e-6a3c-4a8e-9a43-5f2a1f9c0d11"

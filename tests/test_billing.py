@@ -15,7 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from gateway.billing import store_customer
+from gateway.accounts.checkout import store_customer
 from gateway.plans import load_catalog
 from tests.conftest import RunningGateway
 from tests.factories import Seed

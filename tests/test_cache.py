@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from gateway.cache import MISSING, FactsCache, Lookup
-from gateway.queries import ApiKey
-from gateway.rule import OrgFacts
+from gateway.access.cache import MISSING, FactsCache, Lookup
+from gateway.access.queries import ApiKey
+from gateway.access.rule import OrgFacts
 
 ORG = "11111111-1111-1111-1111-111111111111"
 OTHER_ORG = "22222222-2222-2222-2222-222222222222"

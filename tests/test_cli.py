@@ -16,7 +16,7 @@ import pytest
 
 from bench.procs import free_port
 from gateway.config import PROJECT_ROOT
-from gateway.migrations import applied_versions, discover
+from gateway.platform.migrations import applied_versions, discover
 
 ALL_VERSIONS = [m.version for m in discover()]
 COMMAND_TIMEOUT_SECONDS = 30.0

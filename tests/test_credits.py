@@ -23,7 +23,7 @@ from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import MID_STREAM_ERROR_MODEL, RunningUpstream
-from gateway.appkeys import LEDGER
+from gateway.ledger.writer import LEDGER
 from tests.conftest import RunningGateway
 from tests.factories import Seed
 

@@ -17,10 +17,8 @@ import asyncpg
 import pytest
 
 from gateway import config as gateway_config
-from gateway.app import create_app
-from gateway.config import ConfigError
-from gateway.emails import Email, queue_email
-from gateway.mailer import (
+from gateway.accounts.emails import Email, queue_email
+from gateway.accounts.mailer import (
     Mailer,
     OutboxMessage,
     SmtpSettings,
@@ -28,6 +26,8 @@ from gateway.mailer import (
     parse_smtp_url,
     retry_delay_seconds,
 )
+from gateway.app import create_app
+from gateway.config import ConfigError
 from tests.accounts import (
     DEADLINE_SECONDS,
     Mailbox,

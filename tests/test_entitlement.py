@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from gateway.access.refusals import Outcome, balance_usd, billing_url, check, iso_utc
+from gateway.access.rule import OrgFacts, Purchase, Reason, Standing
 from gateway.config import EnforcementMode
-from gateway.entitlement import Outcome, balance_usd, billing_url, check, iso_utc
 from gateway.errors import GatewayError, PaymentRequired
-from gateway.rule import OrgFacts, Purchase, Reason, Standing
 
 BASE = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 DAY = 86_400.0

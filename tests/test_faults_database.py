@@ -24,9 +24,9 @@ import asyncpg
 import pytest
 
 from bench.fake_upstream import RunningUpstream
-from gateway.auth import ORGANIZATION_HEADER, hash_token
-from gateway.spool import PENDING_GLOB
-from gateway.usage import read_spool
+from gateway.access.auth import ORGANIZATION_HEADER, hash_token
+from gateway.ledger.spool import PENDING_GLOB
+from gateway.ledger.writer import read_spool
 from tests.factories import Seed
 from tests.processes import (
     GatewayProcess,

@@ -13,7 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.errors import BadRequest
-from gateway.forwarding import (
+from gateway.proxy.forwarding import (
     KNOWN_PATHS,
     PREFIX,
     forward_headers,
@@ -22,7 +22,7 @@ from gateway.forwarding import (
     upstream_path,
     upstream_target,
 )
-from gateway.upstream import Origin
+from gateway.proxy.upstream import Origin
 
 BASE_URL = "https://openrouter.ai/api/v1"
 UPSTREAM_KEY = "sk-or-v1-gateway-upstream-key"

@@ -25,7 +25,7 @@ import pytest
 from yarl import URL
 
 from bench.fake_upstream import RunningUpstream
-from gateway.auth import hash_token
+from gateway.access.auth import hash_token
 from gateway.plans import load_catalog
 from tests.conftest import UPSTREAM_TEST_KEY, RunningGateway
 from tests.factories import Seed

@@ -1,4 +1,4 @@
-"""Reading usage from the upstream's own bytes, with no sockets: `gateway/metering.py`.
+"""Reading usage from the upstream's own bytes, with no sockets: `gateway/proxy/metering.py`.
 
 The streams are the fake OpenRouter's real bytes, fetched once per module, then fed to
 the readers cut every way the network could cut them.
@@ -21,10 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.fake_upstream import MID_STREAM_ERROR_MODEL, UpstreamSettings, start_upstream
-from gateway import metering
-from gateway.auth import Caller
-from gateway.context import RequestContext
-from gateway.metering import (
+from gateway.access.auth import Caller
+from gateway.common.context import RequestContext
+from gateway.ledger.writer import Charge
+from gateway.proxy import metering
+from gateway.proxy.metering import (
     MAX_LINE_BYTES,
     JsonUsageReader,
     Meter,
@@ -33,8 +34,7 @@ from gateway.metering import (
     requested_model,
     usd_to_microdollars,
 )
-from gateway.proxy import _Charger
-from gateway.usage import Charge
+from gateway.proxy.route import _Charger
 
 MODEL = "openai/gpt-4o-mini"
 FREE_MODEL = "meta-llama/llama-3.3-70b-instruct:free"

@@ -12,9 +12,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.auth import hash_token
-from gateway.listener import CHANNEL
-from gateway.migrations import applied_versions, discover, migrate
+from gateway.access.auth import hash_token
+from gateway.access.listener import CHANNEL
+from gateway.platform.migrations import applied_versions, discover, migrate
 from tests.factories import Seed
 
 ALL_VERSIONS = [m.version for m in discover()]

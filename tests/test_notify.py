@@ -22,9 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import RunningUpstream
-from gateway.appkeys import LISTENER
-from gateway.auth import ORGANIZATION_HEADER, hash_token
-from gateway.listener import APPLICATION_NAME
+from gateway.access.auth import ORGANIZATION_HEADER, hash_token
+from gateway.access.listener import APPLICATION_NAME, LISTENER
 from tests.conftest import RunningGateway
 from tests.factories import Seed
 

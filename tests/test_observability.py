@@ -20,8 +20,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import RunningUpstream
-from gateway import metrics
-from gateway.auth import hash_token
+from gateway.access.auth import hash_token
+from gateway.platform import metrics
 from tests.conftest import UPSTREAM_TEST_KEY, RunningGateway
 from tests.factories import Seed
 

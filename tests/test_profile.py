@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from bench.fake_upstream import RunningUpstream
-from gateway.auth import ORGANIZATION_HEADER
+from gateway.access.auth import ORGANIZATION_HEADER
 from tests.accounts import api, assert_error
 from tests.conftest import RunningGateway
 from tests.factories import Seed

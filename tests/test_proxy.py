@@ -22,7 +22,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from bench.fake_upstream import RunningUpstream
-from gateway.auth import hash_token
+from gateway.access.auth import hash_token
 from tests.conftest import UPSTREAM_TEST_KEY, RunningGateway
 from tests.factories import DEFAULT_CREDITS_MICRODOLLARS, Seed, utcnow
 

@@ -14,8 +14,8 @@ import asyncpg
 import pytest
 
 from gateway import config as gateway_config
-from gateway.reminders import queue_due_reminders
-from gateway.rule import SECONDS_PER_DAY
+from gateway.access.rule import SECONDS_PER_DAY
+from gateway.accounts.reminders import queue_due_reminders
 from tests.accounts import APP_URL, FAST_EMAIL, Mailbox, running_mailbox, to
 from tests.conftest import RunningGateway
 from tests.factories import Seed

@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from bench.fake_upstream import RunningUpstream
-from gateway.auth import ORGANIZATION_HEADER, hash_token
+from gateway.access.auth import ORGANIZATION_HEADER, hash_token
 from tests.factories import Seed
 from tests.processes import (
     GatewayProcess,

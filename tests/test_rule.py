@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gateway.rule import (
+from gateway.access.rule import (
     PAYING_STATUSES,
     OrgFacts,
     Purchase,

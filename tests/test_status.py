@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from gateway.entitlement import refusal_message
-from gateway.plans import load_catalog
-from gateway.rule import SECONDS_PER_DAY, OrgFacts, Purchase, Standing, Verdict, decide
-from gateway.status import (
+from gateway.access.refusals import refusal_message
+from gateway.access.rule import SECONDS_PER_DAY, OrgFacts, Purchase, Standing, Verdict, decide
+from gateway.accounts.status import (
     Level,
     ReminderStage,
     call_to_action,
@@ -28,6 +27,7 @@ from gateway.status import (
     seats_unlimited,
     trial_stage,
 )
+from gateway.plans import load_catalog
 
 DAY = SECONDS_PER_DAY
 TRIAL_DAYS = 30

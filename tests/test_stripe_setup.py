@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from gateway import config as gateway_config
+from gateway.accounts.stripe_setup import SetupReport, run_stripe_setup
 from gateway.config import PROJECT_ROOT
 from gateway.plans import load_catalog
-from gateway.stripe_setup import SetupReport, run_stripe_setup
 from tests.fake_stripe import RunningFakeStripe, new_id, start_fake_stripe, stripe_env
 
 COMMAND_TIMEOUT_SECONDS = 30.0

@@ -7,14 +7,14 @@ from typing import Any
 
 import pytest
 
-from gateway.plans import load_catalog
-from gateway.stripe_subscriptions import (
+from gateway.accounts.stripe_subscriptions import (
     canonical_uuid,
     object_id,
     purchase_status,
     seat_item,
     subscription_state,
 )
+from gateway.plans import load_catalog
 from tests.fake_stripe import subscription_object
 
 CATALOG = load_catalog()

@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from gateway.proxy import upstream_error
-from gateway.upstream import (
+from gateway.proxy.route import upstream_error
+from gateway.proxy.upstream import (
     MAX_HEAD_BYTES,
     MAX_HEADERS,
     MAX_INTERIM_RESPONSES,

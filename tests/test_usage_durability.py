@@ -24,8 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import RunningUpstream
-from gateway.migrations import migrate
-from gateway.usage import read_spool
+from gateway.ledger.writer import read_spool
+from gateway.platform.migrations import migrate
 from tests.factories import Seed
 from tests.processes import GatewayProcess, PostgresCluster
 

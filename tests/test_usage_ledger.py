@@ -26,8 +26,8 @@ import pytest
 from blockbuster import BlockBuster, BlockingError
 from prometheus_client import REGISTRY
 
-from gateway import metrics
-from gateway.usage import ENCODE_SLICE, Charge, UsageLedger, read_spool, write_batch
+from gateway.ledger.writer import ENCODE_SLICE, Charge, UsageLedger, read_spool, write_batch
+from gateway.platform import metrics
 from tests.factories import Seed
 
 pytestmark = pytest.mark.usefixtures("blockbuster")

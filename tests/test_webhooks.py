@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 import stripe
 
-from gateway.webhooks import credit_payment, parse_event, related_subscription_id
+from gateway.accounts.webhooks import credit_payment, parse_event, related_subscription_id
 from tests.conftest import RunningGateway
 from tests.factories import Seed
 from tests.fake_stripe import (

@@ -28,7 +28,7 @@ import pytest
 from bench.fake_upstream import RunningUpstream
 from bench.procs import free_port
 from gateway.config import PROJECT_ROOT, SETTINGS, load_defaults
-from gateway.migrations import discover
+from gateway.platform.migrations import discover
 
 BUILD_TIMEOUT_SECONDS = 45.0
 COMMAND_TIMEOUT_SECONDS = 30.0
@@ -36,12 +36,12 @@ READY_DEADLINE_SECONDS = 20.0
 # Where the probe finds everything, printed as JSON by the installed interpreter.
 PROBE = """
 import json, sys
-import gateway, gateway.config, gateway.migrations, gateway.plans
+import gateway, gateway.config, gateway.platform.migrations, gateway.plans
 print(json.dumps({
     "gateway": list(gateway.__path__),
     "defaults": str(gateway.config.DEFAULTS_FILE),
     "plans": str(gateway.plans.PLANS_FILE),
-    "sql": str(gateway.migrations.SQL_DIR),
+    "sql": str(gateway.platform.migrations.SQL_DIR),
     "path": sys.path,
 }))
 """
@@ -146,7 +146,7 @@ async def test_the_wheel_migrates_and_serves_outside_the_checkout(
     assert {f"gateway/sql/{name}" for name in migrations} <= names
     assert {"gateway/config_files/defaults.toml", "gateway/config_files/plans.toml"} <= names
     assert not any(name.startswith(("sql/", "config/")) for name in names)
-    modules = {p.relative_to(PROJECT_ROOT).as_posix() for p in PROJECT_ROOT.glob("gateway/*.py")}
+    modules = {p.relative_to(PROJECT_ROOT).as_posix() for p in PROJECT_ROOT.glob("gateway/**/*.py")}
     assert modules <= names
 
     workdir = tmp_path / "elsewhere"

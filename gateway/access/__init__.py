@@ -1,0 +1,1 @@
+"""Who may use the proxy: keys, organizations, the entitlement rule, the facts cache."""

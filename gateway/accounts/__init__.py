@@ -1,0 +1,1 @@
+"""Organizations, invitations, billing through Stripe, emails and reports."""

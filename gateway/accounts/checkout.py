@@ -1,0 +1,260 @@
+"""Upgrading through Stripe Checkout (annual only), buying credits, and stripe-setup.
+
+    POST /api/organizations/{id}/subscription/checkout  {"seats": 5, "billing_cycle": "yearly"}
+    POST /api/organizations/{id}/credits/checkout       {"amount_usd": 50}
+
+Both are for owners and billing managers, answer `{"url", "session_id"}` of a Stripe
+Checkout Session and change nothing here: what was bought arrives later through the
+webhook (`webhooks.py`). Each organization has one Stripe customer, created on its first
+checkout. A repeated click within a minute (or a repeated `Idempotency-Key` header)
+gets the same session back, because Stripe replays requests with the same idempotency key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from aiohttp import web
+
+from gateway.access.auth import authenticate, parse_organization_id, require_role
+from gateway.access.cache import CACHE
+from gateway.access.queries import Queryable
+from gateway.access.refusals import billing_url
+from gateway.accounts.payloads import choice_field, json_object
+from gateway.accounts.stripe_client import StripeApi, require_stripe, stripe_api
+from gateway.common.context import CONTEXT
+from gateway.config import CONFIG, Config
+from gateway.errors import BadRequest, NotFound, Reason
+from gateway.plans import BILLING_CYCLES
+from gateway.platform.database import POOL, run_query
+
+BILLING_ROLES = frozenset({"owner", "billing_manager"})
+MAX_SEATS = 1000
+MIN_CREDITS_USD = Decimal(5)
+MAX_CREDITS_USD = Decimal(10_000)
+MICRODOLLARS_PER_CENT = 10_000
+CREDITS_PRODUCT_NAME = "Kilo Code credits"
+# Identical checkout requests within this window get the same Checkout Session.
+IDEMPOTENCY_WINDOW_SECONDS = 60
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BillingOrg:
+    """What a checkout needs to know about the organization."""
+
+    id: str
+    name: str
+    plan: str
+    stripe_customer_id: str | None
+    seats_used: int
+
+
+_BILLING_ORG_SQL = """
+SELECT o.id::text AS id, o.name, o.plan, o.stripe_customer_id,
+       (SELECT count(*) FROM organization_memberships m
+         WHERE m.organization_id = o.id AND m.role <> 'billing_manager') AS seats_used
+FROM organizations o
+WHERE o.id = $1::uuid
+"""
+# Only the first customer is kept; a racing checkout's UPDATE matches no row.
+_STORE_CUSTOMER_SQL = """
+UPDATE organizations SET stripe_customer_id = $2
+WHERE id = $1::uuid AND stripe_customer_id IS NULL
+RETURNING stripe_customer_id
+"""
+_CUSTOMER_SQL = "SELECT stripe_customer_id FROM organizations WHERE id = $1::uuid"
+
+
+async def fetch_billing_org(conn: Queryable, organization_id: str) -> BillingOrg | None:
+    """The organization's plan, Stripe customer and seats in use, or None."""
+    row = await conn.fetchrow(_BILLING_ORG_SQL, organization_id)
+    return None if row is None else BillingOrg(**dict(row))
+
+
+async def store_customer(conn: Queryable, organization_id: str, customer_id: str) -> str:
+    """Keep `customer_id` unless the organization already has one; return the one kept."""
+    stored: str | None = await conn.fetchval(_STORE_CUSTOMER_SQL, organization_id, customer_id)
+    if stored is None:
+        stored = await conn.fetchval(_CUSTOMER_SQL, organization_id)
+    assert stored is not None
+    return stored
+
+
+def parse_seats(body: dict[str, Any], seats_used: int) -> int:
+    """`seats`: a whole number from the members in use (at least 1) to 1000; else 400."""
+    low = max(seats_used, 1)
+    seats = body.get("seats")
+    if isinstance(seats, int) and not isinstance(seats, bool) and low <= seats <= MAX_SEATS:
+        return seats
+    raise BadRequest(
+        f"'seats' must be a whole number from {low} to {MAX_SEATS}: the organization has "
+        f"{seats_used} member(s) using seats, and each needs one.",
+        reason=Reason.INVALID_SEATS,
+        metadata={"min_seats": low, "max_seats": MAX_SEATS},
+    )
+
+
+def parse_amount_cents(body: dict[str, Any]) -> int:
+    """`amount_usd`: a number of dollars (whole cents) from 5 to 10,000, in cents; else 400."""
+    value = body.get("amount_usd")
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidOperation
+        amount = Decimal(str(value))
+        valid = MIN_CREDITS_USD <= amount <= MAX_CREDITS_USD and amount == round(amount, 2)
+    except InvalidOperation:
+        valid = False
+    if not valid:
+        raise BadRequest(
+            f"'amount_usd' must be a number of dollars from {MIN_CREDITS_USD} to "
+            f"{MAX_CREDITS_USD:,}, in whole cents.",
+            reason=Reason.INVALID_AMOUNT,
+        )
+    return int(amount * 100)
+
+
+def check_billing_cycle(billing_cycle: str, config: Config) -> None:
+    """New monthly subscriptions are refused unless MONTHLY_PLAN_ENABLED is on."""
+    if billing_cycle == "monthly" and not config.monthly_plan_enabled:
+        raise BadRequest(
+            "Monthly plans are no longer offered; subscribe yearly (priced per seat per "
+            "month, billed annually).",
+            reason=Reason.MONTHLY_PLAN_UNAVAILABLE,
+        )
+
+
+def idempotency_key(kind: str, parts: list[object], client_key: str | None, now: float) -> str:
+    """A key equal for the same request by the same client, or within the same minute."""
+    scope = f"client:{client_key}" if client_key else f"t:{int(now // IDEMPOTENCY_WINDOW_SECONDS)}"
+    material = "|".join([kind, *(str(p) for p in parts), scope])
+    return f"{kind}-{hashlib.sha256(material.encode()).hexdigest()[:48]}"
+
+
+def return_urls(config: Config, organization_id: str) -> dict[str, str]:
+    """Where Checkout sends the browser back to: the organization's billing page."""
+    page = billing_url(config.app_url, organization_id)
+    return {"success_url": f"{page}?checkout=success", "cancel_url": f"{page}?checkout=cancelled"}
+
+
+def subscription_session_params(
+    config: Config, org: BillingOrg, customer_id: str, price_id: str, seats: int, cycle: str
+) -> dict[str, Any]:
+    """A subscription-mode Checkout Session for `seats` seats of the org's plan."""
+    return {
+        "mode": "subscription",
+        "customer": customer_id,
+        "client_reference_id": org.id,
+        "line_items": [{"price": price_id, "quantity": seats}],
+        "metadata": {"organization_id": org.id, "plan": org.plan, "billing_cycle": cycle},
+        "subscription_data": {"metadata": {"organization_id": org.id, "plan": org.plan}},
+        **return_urls(config, org.id),
+    }
+
+
+def credits_session_params(
+    config: Config, org: BillingOrg, customer_id: str, cents: int
+) -> dict[str, Any]:
+    """A payment-mode Checkout Session buying `cents` worth of credits."""
+    metadata = {
+        "organization_id": org.id,
+        "kind": "credits",
+        "amount_microdollars": str(cents * MICRODOLLARS_PER_CENT),
+    }
+    product = {"name": CREDITS_PRODUCT_NAME}
+    return {
+        "mode": "payment",
+        "customer": customer_id,
+        "client_reference_id": org.id,
+        "line_items": [
+            {
+                "price_data": {"currency": "usd", "unit_amount": cents, "product_data": product},
+                "quantity": 1,
+            }
+        ],
+        "metadata": metadata,
+        "payment_intent_data": {"metadata": metadata},
+        **return_urls(config, org.id),
+    }
+
+
+async def ensure_customer(app: web.Application, api: StripeApi, org: BillingOrg) -> str:
+    """The organization's Stripe customer, created and stored on its first checkout."""
+    if org.stripe_customer_id is not None:
+        return org.stripe_customer_id
+    params = {"name": org.name, "metadata": {"organization_id": org.id}}
+    # The same key for the same organization: a retry or a racing request gets this customer.
+    customer_id = await api.create_customer(params, f"customer-{org.id}")
+    timeout = app[CONFIG].database_query_timeout_seconds
+    return await run_query(app[POOL], timeout, store_customer, org.id, customer_id)
+
+
+async def billing_caller(request: web.Request) -> tuple[StripeApi, BillingOrg, dict[str, Any]]:
+    """Stripe, the organization and the JSON body, once the caller may pay for it."""
+    api = require_stripe(request.app)
+    organization_id = parse_organization_id(
+        request.match_info["organization_id"], "The organization in the path"
+    )
+    key = await authenticate(request.headers, request.app[CACHE])
+    request[CONTEXT].user_id = key.user_id
+    request[CONTEXT].organization_id = organization_id
+    await require_role(key, organization_id, request.app[CACHE], BILLING_ROLES)
+    body = await json_object(request)
+    timeout = request.app[CONFIG].database_query_timeout_seconds
+    org = await run_query(request.app[POOL], timeout, fetch_billing_org, organization_id)
+    if org is None:
+        raise NotFound("No such organization.")
+    return api, org, body
+
+
+async def subscription_checkout_handler(request: web.Request) -> web.Response:
+    """Start a Checkout Session for a yearly (or, when enabled, monthly) seats subscription."""
+    api, org, body = await billing_caller(request)
+    config = request.app[CONFIG]
+    cycle = choice_field(body, "billing_cycle", BILLING_CYCLES, "yearly")
+    check_billing_cycle(cycle, config)
+    seats = parse_seats(body, org.seats_used)
+    price_id = await api.price_id(config.catalog.price(org.plan, cycle).lookup_key)
+    customer_id = await ensure_customer(request.app, api, org)
+    params = subscription_session_params(config, org, customer_id, price_id, seats, cycle)
+    parts: list[object] = [org.id, customer_id, org.plan, cycle, seats]
+    key = idempotency_key("subscription", parts, client_idempotency_key(request), now())
+    session = await api.create_checkout_session(params, key)
+    return web.json_response({"url": session.url, "session_id": session.id})
+
+
+async def credits_checkout_handler(request: web.Request) -> web.Response:
+    """Start a Checkout Session (payment mode) buying credits."""
+    api, org, body = await billing_caller(request)
+    cents = parse_amount_cents(body)
+    customer_id = await ensure_customer(request.app, api, org)
+    params = credits_session_params(request.app[CONFIG], org, customer_id, cents)
+    parts: list[object] = [org.id, customer_id, cents]
+    key = idempotency_key("credits", parts, client_idempotency_key(request), now())
+    session = await api.create_checkout_session(params, key)
+    return web.json_response({"url": session.url, "session_id": session.id})
+
+
+def client_idempotency_key(request: web.Request) -> str | None:
+    """The client's Idempotency-Key: printable ASCII of at most 255 characters, else 400."""
+    value = request.headers.get(IDEMPOTENCY_HEADER)
+    if value is not None and not (value.isascii() and value.isprintable() and len(value) <= 255):
+        raise BadRequest(f"{IDEMPOTENCY_HEADER} must be at most 255 printable ASCII characters.")
+    return value
+
+
+def now() -> float:
+    """The wall clock, in UNIX seconds (the idempotency window's)."""
+    return time.time()
+
+
+def setup(app: web.Application) -> None:
+    """Register the checkout routes and the Stripe client's lifetime."""
+    app.cleanup_ctx.append(stripe_api)
+    base = "/api/organizations/{organization_id}"
+    app.router.add_post(f"{base}/subscription/checkout", subscription_checkout_handler)
+    app.router.add_post(f"{base}/credits/checkout", credits_checkout_handler)

@@ -1,0 +1,1 @@
+"""Small names every layer shares: the request context."""

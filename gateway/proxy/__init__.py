@@ -1,0 +1,1 @@
+"""The proxy route: forwarding, the upstream client, metering and the model listings."""

@@ -1,0 +1,425 @@
+"""`ANY /api/openrouter/{path}`: check the caller, then relay to OpenRouter byte for byte.
+
+The Kilo Code extension must not notice the gateway: headers, status and body pass
+through unchanged and as they arrive, except that the gateway swaps in its own upstream
+key and refuses blocked organizations with a 402 before any byte goes upstream.
+Completions are metered on the way back and charged once the response ends.
+Upstream client errors become ours here and nowhere else.
+
+Two servers read requests for this route: its own connection handler (`proxyserver.py`,
+plain requests) and aiohttp (`proxy_handler`, connections handed over). Both call
+`proxy()` with the request's parts and a `Sink` to write the response to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.access.admission import READ_METHODS, admit
+from gateway.access.auth import Caller, authenticate
+from gateway.access.cache import CACHE
+from gateway.common.context import CLIENT_CLOSED_REQUEST, CONTEXT, RequestContext
+from gateway.config import CONFIG
+from gateway.errors import (
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    Reason,
+    RequestTimeout,
+    UpstreamPaymentRequired,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from gateway.ledger.writer import LEDGER, Charge, UsageLedger
+from gateway.platform import metrics
+from gateway.platform.aiohttp_internals import defer_headers_to_first_write
+from gateway.proxy.forwarding import (
+    REQUEST_ID_HEADER,
+    allow_header,
+    allowed_methods,
+    forward_headers,
+    is_proxied,
+    metric_route,
+    relay_headers,
+    upstream_path,
+    upstream_target,
+)
+from gateway.proxy.listings import LISTINGS, MODELS_PATH, listing_headers
+from gateway.proxy.metering import METERED_PATHS, Meter
+from gateway.proxy.upstream import (
+    UPSTREAM,
+    UpstreamBroke,
+    UpstreamDown,
+    UpstreamFailed,
+    UpstreamMisspoke,
+    UpstreamResponse,
+    UpstreamSilent,
+)
+
+WOULD_BLOCK_HEADER = "X-Gateway-Would-Block"
+_SSE_ERROR_EVENT = (
+    b'data: {"error":{"code":502,"message":"The upstream connection was lost mid-stream."}'
+    b',"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]}\n\n'
+)
+
+
+class Sink(Protocol):
+    """Where a relayed response goes: aiohttp's response, or the proxy route's own server."""
+
+    async def start(
+        self, status: int, reason: str, headers: CIMultiDict[str], content_length: int | None
+    ) -> None:
+        """Send the status line and headers (they may wait for the first body bytes)."""
+
+    async def write(self, data: bytes) -> None:
+        """Send body bytes (raises ConnectionError once the client is gone)."""
+
+    async def end(self) -> None:
+        """The body is complete."""
+
+    def abort(self) -> None:
+        """Cut the connection: the response cannot end cleanly."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProxyRequest:
+    """What the proxy needs of a request, whichever server read it."""
+
+    method: str
+    raw_path: str
+    query_string: str
+    headers: CIMultiDictProxy[str]
+    read_body: Callable[[], Awaitable[bytes]]
+
+
+async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    """aiohttp's entry to the proxy route (connections the route's own server handed over)."""
+    sink = _AiohttpSink(request)
+    body_timeout = request.app[CONFIG].body_timeout_seconds
+
+    async def read_body() -> bytes:
+        try:
+            async with asyncio.timeout(body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise RequestTimeout("The request body did not arrive in time.") from None
+
+    await proxy(
+        request.app,
+        request[CONTEXT],
+        ProxyRequest(
+            request.method,
+            request.rel_url.raw_path,
+            request.rel_url.raw_query_string,
+            request.headers,
+            read_body,
+        ),
+        sink,
+    )
+    assert sink.response is not None
+    return sink.response
+
+
+async def proxy(
+    app: web.Application, ctx: RequestContext, request: ProxyRequest, sink: Sink
+) -> None:
+    """Authenticate, admit, forward, and relay the response as it arrives.
+
+    Everything that can refuse the request from its head alone (the path, the method,
+    the key, the organization, the rule) runs before the body is read: a refused upload
+    costs no memory and no wait. Only the credit check, which needs the model the body
+    names, reads it first, and only when the balance is used up.
+    """
+    config = app[CONFIG]
+    tail = upstream_path(request.raw_path)
+    ctx.route = metric_route(tail)
+    if not is_proxied(tail, config.proxy_allowed_paths):
+        raise NotFound(
+            "This OpenRouter endpoint is not available through Kilo Code.",
+            reason=Reason.ENDPOINT_NOT_PROXIED,
+        )
+    methods = allowed_methods(tail)
+    if request.method == "OPTIONS":
+        await send_options(sink, methods, ctx)
+        return
+    if request.method not in methods:
+        raise MethodNotAllowed(
+            f"{request.method} is not accepted here; this endpoint takes"
+            f" {' or '.join(sorted(methods))}.",
+            headers={"Allow": allow_header(methods)},
+        )
+    key = await authenticate(request.headers, app[CACHE])
+    ctx.user_id = key.user_id
+    if request.method == "GET" and tail == MODELS_PATH:
+        await send_model_list(app, request, ctx, sink)
+        return
+    body = _Body(request.read_body)
+    metered = request.method == "POST" and tail in METERED_PATHS
+    admission = await admit(
+        method=request.method,
+        headers=request.headers,
+        key=key,
+        cache=app[CACHE],
+        config=config,
+        ctx=ctx,
+        unwritten_microdollars=app[LEDGER].unwritten_microdollars,
+        requested_model=body.model if metered else None,
+    )
+    content = await body.read()
+    if not metered or admission.caller is None:
+        upstream = await send_upstream(app, request, ctx, tail, content)
+        await relay(sink, upstream, ctx, admission.would_block)
+        return
+    charge = _Charger(app[LEDGER], ctx, admission.caller, await body.meter())
+    try:
+        upstream = await send_upstream(app, request, ctx, tail, content)
+    except GatewayError as exc:
+        charge(exc.status, cancelled=False)
+        raise
+    except asyncio.CancelledError:
+        charge(CLIENT_CLOSED_REQUEST, cancelled=True)
+        raise
+    await relay(sink, upstream, ctx, admission.would_block, charge)
+
+
+class _Body:
+    """The request body, read once, when first wanted."""
+
+    __slots__ = ("_content", "_meter", "_read")
+
+    def __init__(self, read: Callable[[], Awaitable[bytes]]) -> None:
+        self._read = read
+        self._content: bytes | None = None
+        self._meter: Meter | None = None
+
+    async def read(self) -> bytes:
+        if self._content is None:
+            self._content = await self._read()
+        return self._content
+
+    async def meter(self) -> Meter:
+        if self._meter is None:
+            self._meter = Meter(await self.read())
+        return self._meter
+
+    async def model(self) -> str | None:
+        """The model the body asks for (the credit check's question)."""
+        return (await self.meter()).model()
+
+
+def upstream_error(exc: UpstreamFailed | UpstreamBroke) -> GatewayError:
+    """What the client is told when the upstream failed before a response could start."""
+    if isinstance(exc, UpstreamSilent):
+        return UpstreamTimeout("OpenRouter did not answer in time; retry shortly.")
+    if isinstance(exc, UpstreamMisspoke):
+        return UpstreamProtocolError(
+            "OpenRouter sent a response the gateway could not read; retry shortly."
+        )
+    if isinstance(exc, UpstreamDown):
+        return UpstreamUnreachable("The gateway could not reach OpenRouter; retry shortly.")
+    return UpstreamUnreachable("OpenRouter's answer was cut short; retry shortly.")
+
+
+async def send_options(sink: Sink, methods: frozenset[str], ctx: RequestContext) -> None:
+    """OPTIONS, answered here: which methods the path takes. Never forwarded."""
+    headers: CIMultiDict[str] = CIMultiDict(
+        {"Allow": allow_header(methods), REQUEST_ID_HEADER: ctx.request_id}
+    )
+    await sink.start(204, "No Content", headers, None)
+    await sink.end()
+
+
+async def send_model_list(
+    app: web.Application, request: ProxyRequest, ctx: RequestContext, sink: Sink
+) -> None:
+    """OpenRouter's model list from the cache it shares with the per-organization route."""
+    try:
+        listing = await app[LISTINGS].get(request.query_string)
+    except (UpstreamFailed, UpstreamBroke) as exc:
+        raise upstream_error(exc) from exc
+    ctx.upstream_status = listing.status
+    headers = listing_headers(listing, ctx.request_id)
+    await sink.start(listing.status, listing.reason, headers, len(listing.body))
+    await sink.write(listing.body)
+    await sink.end()
+
+
+class _Charger:
+    """Records the request's one charge, however the request ends."""
+
+    __slots__ = ("_caller", "_ctx", "_ledger", "_meter", "done")
+
+    def __init__(
+        self, ledger: UsageLedger, ctx: RequestContext, caller: Caller, meter: Meter
+    ) -> None:
+        self._ledger, self._ctx, self._caller, self._meter = ledger, ctx, caller, meter
+        self.done = False
+
+    @property
+    def meter(self) -> Meter:
+        return self._meter
+
+    def __call__(self, status: int, *, cancelled: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        usage = self._meter.usage()
+        # Positional: this runs once per metered request.
+        self._ledger.record(
+            Charge.make(
+                self._ctx.request_id,
+                self._caller.organization_id,
+                self._caller.user_id,
+                usage.model,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.cost_microdollars,
+                self._meter.streamed,
+                status,
+                cancelled,
+            )
+        )
+
+
+async def send_upstream(
+    app: web.Application, request: ProxyRequest, ctx: RequestContext, tail: str, body: bytes
+) -> UpstreamResponse:
+    """Forward the request; return once the upstream's headers arrive (502/504 otherwise)."""
+    client = app[UPSTREAM]
+    target = upstream_target(client.base_path, tail, request.query_string)
+    headers = forward_headers(
+        request.headers,
+        app[CONFIG].openrouter_api_key,
+        plain_body=request.method not in READ_METHODS,
+    )
+    started = time.perf_counter()
+    try:
+        upstream = await client.request(request.method, target, headers.items(), body)
+    except UpstreamFailed as exc:
+        raise upstream_error(exc) from exc
+    ctx.ttfb_seconds = time.perf_counter() - started
+    ctx.upstream_status = upstream.status
+    if upstream.status == 402:
+        upstream.close()
+        # Our OpenRouter account is out of credit: our problem, not the user's.
+        raise UpstreamPaymentRequired(
+            "The model provider refused the gateway's account; this is on our side, retry later."
+        )
+    return upstream
+
+
+class _RelayedResponse(web.StreamResponse):
+    """A streamed response whose headers leave together with the first body bytes.
+
+    One write instead of two for every response that arrives whole (most non-streamed
+    completions): on loopback each write costs about as much as parsing the request.
+    aiohttp's own `web.Response` buffers its headers the same way.
+    """
+
+
+defer_headers_to_first_write(_RelayedResponse)
+
+
+class _AiohttpSink:
+    """A relayed response through aiohttp's `StreamResponse`."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.response: _RelayedResponse | None = None
+
+    async def start(
+        self, status: int, reason: str, headers: CIMultiDict[str], content_length: int | None
+    ) -> None:
+        self.response = _RelayedResponse(status=status, reason=reason, headers=headers)
+        if content_length is not None:
+            self.response.content_length = content_length
+        await self.response.prepare(self._request)
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def end(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def abort(self) -> None:
+        if self._request.transport is not None:
+            self._request.transport.close()
+
+
+async def relay(
+    sink: Sink,
+    upstream: UpstreamResponse,
+    ctx: RequestContext,
+    would_block: str | None,
+    charge: _Charger | None = None,
+) -> None:
+    """Stream the upstream response to the client chunk by chunk, as it arrives."""
+    headers = relay_headers(upstream.headers, ctx.request_id)
+    if would_block is not None:
+        headers[WOULD_BLOCK_HEADER] = would_block
+    feed_meter = charge.meter.start(upstream.content_type) if charge is not None else None
+    metrics.stream_opened()
+    client_gone = True  # until the response ends one of the known ways
+    try:
+        # The bytes pass through unchanged, so the upstream's length holds, and the
+        # response needs no chunked framing.
+        await sink.start(upstream.status, upstream.reason, headers, upstream.content_length)
+        chunk = upstream.buffered()
+        if not chunk and not upstream.complete:
+            # Body bytes that came right behind the head may not be read yet: one turn
+            # of the loop reads them, so that head and body leave in one write and the
+            # client wakes once, not twice.
+            await asyncio.sleep(0)
+            chunk = upstream.buffered()
+        if not chunk and not upstream.complete:
+            # No body bytes yet: the headers go now, as the upstream sent them.
+            await sink.write(b"")
+            chunk = await upstream.read_chunk()
+        while chunk:
+            if feed_meter is not None:
+                # Before the write, so that nothing runs between it and the next one (often
+                # just the end of the body): a client that wakes for one write and sleeps
+                # again before the next costs this machine a second wake-up.
+                feed_meter(chunk)
+            await sink.write(chunk)
+            chunk = await upstream.read_chunk()
+        client_gone = False
+        await sink.end()
+    except UpstreamBroke:
+        client_gone = False
+        await _end_broken_stream(sink, upstream)
+    except ConnectionError:
+        # The client went away (before the headers or mid-body): nothing is left to send.
+        ctx.client_gone = True
+    finally:
+        metrics.stream_closed()
+        if charge is not None:
+            charge(upstream.status, cancelled=client_gone)
+        if upstream.complete:
+            upstream.release()
+        else:
+            # Closing the connection of a response not read to the end is what tells the
+            # upstream to stop generating when the client went away.
+            upstream.close()
+
+
+async def _end_broken_stream(sink: Sink, upstream: UpstreamResponse) -> None:
+    """The upstream died mid-response: say so in the stream's own terms, then cut it.
+
+    The client must never see a clean end (or a `data: [DONE]`) the upstream did not send.
+    """
+    if upstream.content_type == "text/event-stream":
+        with contextlib.suppress(ConnectionError):
+            await sink.write(_SSE_ERROR_EVENT)
+    sink.abort()

@@ -1,0 +1,1 @@
+"""Serving: the connections, the proxy route's own fast path, the middleware, the runner."""
