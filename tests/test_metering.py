@@ -32,9 +32,9 @@ from gateway.proxy.metering import (
     SseUsageReader,
     Usage,
     requested_model,
-    usd_to_microdollars,
 )
 from gateway.proxy.route import _Charger
+from gateway.proxy.usage_json import usd_to_microdollars
 
 MODEL = "openai/gpt-4o-mini"
 FREE_MODEL = "meta-llama/llama-3.3-70b-instruct:free"
