@@ -20,13 +20,11 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.access.auth import authenticate, parse_organization_id, require_role
-from gateway.access.cache import CACHE
+from gateway.access.members import authorize_member
 from gateway.access.queries import Queryable
 from gateway.access.refusals import billing_url
 from gateway.accounts.payloads import choice_field, json_object
 from gateway.accounts.stripe_client import StripeApi, require_stripe, stripe_api
-from gateway.common.context import CONTEXT
 from gateway.config import CONFIG, Config
 from gateway.errors import BadRequest, NotFound, Reason
 from gateway.plans import BILLING_CYCLES
@@ -196,13 +194,7 @@ async def ensure_customer(app: web.Application, api: StripeApi, org: BillingOrg)
 async def billing_caller(request: web.Request) -> tuple[StripeApi, BillingOrg, dict[str, Any]]:
     """Stripe, the organization and the JSON body, once the caller may pay for it."""
     api = require_stripe(request.app)
-    organization_id = parse_organization_id(
-        request.match_info["organization_id"], "The organization in the path"
-    )
-    key = await authenticate(request.headers, request.app[CACHE])
-    request[CONTEXT].user_id = key.user_id
-    request[CONTEXT].organization_id = organization_id
-    await require_role(key, organization_id, request.app[CACHE], BILLING_ROLES)
+    organization_id, _key, _role = await authorize_member(request, BILLING_ROLES)
     body = await json_object(request)
     timeout = request.app[CONFIG].database_query_timeout_seconds
     org = await run_query(request.app[POOL], timeout, fetch_billing_org, organization_id)

@@ -11,10 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.access.auth import authenticate, parse_organization_id, require_role
-from gateway.access.cache import CACHE
+from gateway.access.members import authorize_member
 from gateway.access.queries import Queryable
-from gateway.common.context import CONTEXT
 from gateway.common.money import MICRODOLLARS_PER_USD
 from gateway.config import CONFIG
 from gateway.errors import BadRequest, Reason
@@ -112,13 +110,7 @@ def _figures(row: Any) -> dict[str, Any]:
 async def usage_report_handler(request: web.Request) -> web.Response:
     """Serve the usage report to the organization's owners and billing managers."""
     app = request.app
-    organization_id = parse_organization_id(
-        request.match_info["organization_id"], "The organization in the path"
-    )
-    key = await authenticate(request.headers, app[CACHE])
-    request[CONTEXT].user_id = key.user_id
-    request[CONTEXT].organization_id = organization_id
-    await require_role(key, organization_id, app[CACHE], REPORT_ROLES)
+    organization_id, _key, _role = await authorize_member(request, REPORT_ROLES)
     start, end = parse_period(request.query, datetime.now(UTC))
     timeout = app[CONFIG].database_query_timeout_seconds
     report = await run_query(app[POOL], timeout, fetch_report, organization_id, start, end)
