@@ -18,7 +18,7 @@ from aiohttp.http_parser import SINGLETON_HEADERS as aiohttp_singletons
 
 from gateway.platform import aiohttp_internals
 from gateway.platform.aiohttp_internals import INTERNALS, Internal
-from gateway.serve.fastpath import SINGLETON_HEADERS
+from gateway.serve.heads import SINGLETON_HEADERS
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from aiohttp.http_parser import HttpRequestParser
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.serve.fastpath import RequestHead, parse_head
+from gateway.serve.heads import RequestHead, parse_head
 
 MAX_BODY = 10_000
 

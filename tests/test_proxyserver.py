@@ -23,7 +23,7 @@ from yarl import URL
 from bench.fake_upstream import RunningUpstream
 from gateway import config as gateway_config
 from gateway.app import create_app
-from gateway.serve.fastpath import MAX_HEAD_BYTES, parse_head
+from gateway.serve.heads import MAX_HEAD_BYTES, parse_head
 from gateway.serve.runner import runner_for
 from tests.conftest import RunningGateway
 from tests.factories import Seed

@@ -1,6 +1,6 @@
 """Every place the gateway relies on aiohttp beyond its documented API, each with why.
 
-The proxy route's own connection handler (`proxyserver.py`) and the runner that installs
+The proxy route's own connection handler (`serve/fastpath.py`) and the runner that installs
 it (`runner.py`) need a few things aiohttp does not offer publicly: to start each
 connection with a protocol of our own, to hand a connection to aiohttp's handler half-way,
 and to notice when that handler has read a whole head. Every such touch lives here, named,

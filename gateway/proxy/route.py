@@ -6,19 +6,18 @@ key and refuses blocked organizations with a 402 before any byte goes upstream.
 Completions are metered on the way back and charged once the response ends.
 Upstream client errors become ours here and nowhere else.
 
-Two servers read requests for this route: its own connection handler (`proxyserver.py`,
+Two servers read requests for this route: its own connection handler (`serve/fastpath.py`,
 plain requests) and aiohttp (`proxy_handler`, connections handed over). Both call
-`proxy()` with the request's parts and a `Sink` to write the response to.
+`proxy()` with the request's parts and a `Sink` to write the response to; the
+upstream's response is relayed to it by `relay.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -40,7 +39,6 @@ from gateway.errors import (
     UpstreamUnreachable,
 )
 from gateway.ledger.writer import LEDGER, Charge, UsageLedger
-from gateway.platform import metrics
 from gateway.platform.aiohttp_internals import defer_headers_to_first_write
 from gateway.proxy.forwarding import (
     REQUEST_ID_HEADER,
@@ -49,12 +47,12 @@ from gateway.proxy.forwarding import (
     forward_headers,
     is_proxied,
     metric_route,
-    relay_headers,
     upstream_path,
     upstream_target,
 )
 from gateway.proxy.listings import LISTINGS, MODELS_PATH, listing_headers
 from gateway.proxy.metering import METERED_PATHS, Meter
+from gateway.proxy.relay import Sink, relay
 from gateway.proxy.upstream import (
     UPSTREAM,
     UpstreamBroke,
@@ -64,30 +62,6 @@ from gateway.proxy.upstream import (
     UpstreamResponse,
     UpstreamSilent,
 )
-
-WOULD_BLOCK_HEADER = "X-Gateway-Would-Block"
-_SSE_ERROR_EVENT = (
-    b'data: {"error":{"code":502,"message":"The upstream connection was lost mid-stream."}'
-    b',"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]}\n\n'
-)
-
-
-class Sink(Protocol):
-    """Where a relayed response goes: aiohttp's response, or the proxy route's own server."""
-
-    async def start(
-        self, status: int, reason: str, headers: CIMultiDict[str], content_length: int | None
-    ) -> None:
-        """Send the status line and headers (they may wait for the first body bytes)."""
-
-    async def write(self, data: bytes) -> None:
-        """Send body bytes (raises ConnectionError once the client is gone)."""
-
-    async def end(self) -> None:
-        """The body is complete."""
-
-    def abort(self) -> None:
-        """Cut the connection: the response cannot end cleanly."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -355,71 +329,3 @@ class _AiohttpSink:
     def abort(self) -> None:
         if self._request.transport is not None:
             self._request.transport.close()
-
-
-async def relay(
-    sink: Sink,
-    upstream: UpstreamResponse,
-    ctx: RequestContext,
-    would_block: str | None,
-    charge: _Charger | None = None,
-) -> None:
-    """Stream the upstream response to the client chunk by chunk, as it arrives."""
-    headers = relay_headers(upstream.headers, ctx.request_id)
-    if would_block is not None:
-        headers[WOULD_BLOCK_HEADER] = would_block
-    feed_meter = charge.meter.start(upstream.content_type) if charge is not None else None
-    metrics.stream_opened()
-    client_gone = True  # until the response ends one of the known ways
-    try:
-        # The bytes pass through unchanged, so the upstream's length holds, and the
-        # response needs no chunked framing.
-        await sink.start(upstream.status, upstream.reason, headers, upstream.content_length)
-        chunk = upstream.buffered()
-        if not chunk and not upstream.complete:
-            # Body bytes that came right behind the head may not be read yet: one turn
-            # of the loop reads them, so that head and body leave in one write and the
-            # client wakes once, not twice.
-            await asyncio.sleep(0)
-            chunk = upstream.buffered()
-        if not chunk and not upstream.complete:
-            # No body bytes yet: the headers go now, as the upstream sent them.
-            await sink.write(b"")
-            chunk = await upstream.read_chunk()
-        while chunk:
-            if feed_meter is not None:
-                # Before the write, so that nothing runs between it and the next one (often
-                # just the end of the body): a client that wakes for one write and sleeps
-                # again before the next costs this machine a second wake-up.
-                feed_meter(chunk)
-            await sink.write(chunk)
-            chunk = await upstream.read_chunk()
-        client_gone = False
-        await sink.end()
-    except UpstreamBroke:
-        client_gone = False
-        await _end_broken_stream(sink, upstream)
-    except ConnectionError:
-        # The client went away (before the headers or mid-body): nothing is left to send.
-        ctx.client_gone = True
-    finally:
-        metrics.stream_closed()
-        if charge is not None:
-            charge(upstream.status, cancelled=client_gone)
-        if upstream.complete:
-            upstream.release()
-        else:
-            # Closing the connection of a response not read to the end is what tells the
-            # upstream to stop generating when the client went away.
-            upstream.close()
-
-
-async def _end_broken_stream(sink: Sink, upstream: UpstreamResponse) -> None:
-    """The upstream died mid-response: say so in the stream's own terms, then cut it.
-
-    The client must never see a clean end (or a `data: [DONE]`) the upstream did not send.
-    """
-    if upstream.content_type == "text/event-stream":
-        with contextlib.suppress(ConnectionError):
-            await sink.write(_SSE_ERROR_EVENT)
-    sink.abort()

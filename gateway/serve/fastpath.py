@@ -7,14 +7,14 @@ one shape: keep-alive HTTP/1.1, a body with a Content-Length, to /api/openrouter
 This module serves that shape, and only that shape, itself.
 
 Heads are parsed by llhttp (through `httptools`), the parser aiohttp itself is built on,
-and the fields it reads are then held to a narrow whitelist. Any other request is handed
-to aiohttp's own connection handler with the connection's bytes untouched, and the
-connection stays with aiohttp from then on: another route, HTTP/1.0, HEAD, chunked or
-compressed bodies, Expect, Upgrade, a missing or repeated Host, more than 128 headers, a
-head not yet complete in the first read, a path aiohttp might normalize, a byte that is
-not plain ASCII, anything llhttp refuses. So aiohttp keeps every refusal of malformed or
-unusual input (in the gateway's envelope), its header timeout and its size limits; the
-short path only ever sees well-formed requests.
+and the fields it reads are then held to a narrow whitelist (`heads.py`). Any other
+request is handed to aiohttp's own connection handler with the connection's bytes
+untouched, and the connection stays with aiohttp from then on: another route, HTTP/1.0,
+HEAD, chunked or compressed bodies, Expect, Upgrade, a missing or repeated Host, more
+than 128 headers, a head not yet complete in the first read, a path aiohttp might
+normalize, a byte that is not plain ASCII, anything llhttp refuses. So aiohttp keeps
+every refusal of malformed or unusual input (in the gateway's envelope), its header
+timeout and its size limits; the short path only ever sees well-formed requests.
 
 A request is served as soon as its head is here: the caller is checked before the body
 is read, and a refusal goes out at once. A body the gateway never read is discarded for
@@ -27,16 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import re
-import time
-from email.utils import formatdate
 from http import HTTPStatus
 from typing import Protocol
 
-import httptools
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from gateway.common.context import IN_FLIGHT, RequestContext
 from gateway.config import CONFIG
@@ -44,223 +39,16 @@ from gateway.errors import GatewayError, RequestTimeout, render_error
 from gateway.platform.aiohttp_internals import tcp_keepalive, tcp_nodelay
 from gateway.proxy.forwarding import PREFIX
 from gateway.proxy.route import ProxyRequest, proxy
-from gateway.proxy.upstream import NO_BODY_STATUSES
+from gateway.serve.connection_sink import ConnectionSink
+from gateway.serve.heads import RequestHead, parse_head
 from gateway.serve.middleware import CLIENT_CLOSED_REQUEST, RequestRecord, refusal, unexpected_error
 
 ROUTE = PREFIX + "{path}"
-# A longer head goes to aiohttp, whose limits then apply (8190 bytes a line).
-MAX_HEAD_BYTES = 8190
-# aiohttp refuses more header lines than this.
-MAX_HEADERS = 128
-# More digits than any body the gateway accepts (and int() refuses past 4,300).
-MAX_LENGTH_DIGITS = 15
 # Bytes held beyond the body the request is reading (pipelined requests, or a body not
 # asked for yet); past this, reading pauses.
 MAX_BUFFERED_BYTES = 256 * 1024
 # How long a body the gateway will not read is taken and dropped after the answer.
 LINGER_SECONDS = 2.0
-_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
-# Headers whose handling stays aiohttp's: body framing and decoding, interim responses,
-# protocol switches.
-_HAND_OVER_HEADERS = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade"})
-# Headers aiohttp refuses to see twice (its parser's SINGLETON_HEADERS; a test keeps the
-# two the same).
-SINGLETON_HEADERS = frozenset(
-    {
-        "content-length",
-        "content-location",
-        "content-range",
-        "content-type",
-        "etag",
-        "host",
-        "max-forwards",
-        "server",
-        "transfer-encoding",
-        "user-agent",
-    }
-)
-# No percent-encoding, dot or empty segments: paths aiohttp might read differently.
-_PLAIN_PATH = re.compile(r"/api/openrouter/[A-Za-z0-9\-_~!$&'()*+,;=:@/.]*")
-_PLAIN_QUERY = re.compile(r"[!-\"$-~]*")  # visible ASCII but "#"
-_FIELD_VALUE = re.compile(rb"[\t -~]*")  # no control characters, ASCII only
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RequestHead:
-    """A request head this module serves itself."""
-
-    method: str
-    raw_path: str
-    query_string: str
-    headers: CIMultiDictProxy[str]
-    content_length: int
-    close: bool
-
-
-class _HeadFields:
-    """llhttp's callbacks for one head: the target and the header lines, as they come."""
-
-    __slots__ = ("complete", "fields", "url")
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.fields: list[tuple[bytes, bytes]] = []
-        self.complete = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.fields.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        self.complete = True
-
-
-def parse_head(head: bytes | bytearray, max_body_bytes: int) -> RequestHead | None:
-    """The request head (up to and with its blank line) if it is one served here, else None."""
-    if len(head) > MAX_HEAD_BYTES:
-        return None
-    fields = _HeadFields()
-    parser = httptools.HttpRequestParser(fields)
-    try:
-        parser.feed_data(head)
-    except httptools.HttpParserUpgrade:
-        return None  # CONNECT, Upgrade: aiohttp's
-    except httptools.HttpParserError:
-        return None  # aiohttp's parser, llhttp too, refuses it in the envelope
-    if not fields.complete or parser.get_http_version() != "1.1":
-        return None
-    method = parser.get_method()
-    if method not in _METHODS or len(fields.fields) > MAX_HEADERS:
-        return None
-    try:
-        target = fields.url.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    path, _, query = target.partition("?")
-    if (
-        not _PLAIN_PATH.fullmatch(path)
-        or "//" in path
-        or "/." in path
-        or not _PLAIN_QUERY.fullmatch(query)
-    ):
-        return None
-    return _whitelisted(method.decode(), path, query, fields.fields, max_body_bytes)
-
-
-def _whitelisted(
-    method: str,
-    path: str,
-    query: str,
-    fields: list[tuple[bytes, bytes]],
-    max_body_bytes: int,
-) -> RequestHead | None:
-    """The head, if its header lines are all ones served here."""
-    headers: CIMultiDict[str] = CIMultiDict()
-    content_length: int | None = None
-    singletons: set[str] = set()
-    close = False
-    for raw_name, raw_value in fields:
-        if not _FIELD_VALUE.fullmatch(raw_value):
-            return None
-        # llhttp holds names to the token grammar: ASCII.
-        name, value = raw_name.decode("ascii"), raw_value.decode("ascii").strip(" \t")
-        lowered = name.lower()
-        if lowered in _HAND_OVER_HEADERS:
-            return None
-        if lowered in SINGLETON_HEADERS:
-            if lowered in singletons:
-                return None  # aiohttp answers 400
-            singletons.add(lowered)
-        if lowered == "content-length":
-            if not value.isdigit() or len(value) > MAX_LENGTH_DIGITS:
-                return None
-            content_length = int(value)
-        elif lowered == "connection":
-            # Not llhttp's should_keep_alive(): it forgets once a message without a
-            # body is complete, as here.
-            close = close or "close" in {token.strip().lower() for token in value.split(",")}
-        headers.add(name, value)
-    if "host" not in singletons:
-        return None  # aiohttp answers 400
-    if content_length is None:
-        content_length = 0
-    if content_length > max_body_bytes:
-        return None  # aiohttp answers 413
-    return RequestHead(method, path, query, CIMultiDictProxy(headers), content_length, close)
-
-
-class _Clock:
-    """The Date header's value, formatted once per second."""
-
-    second = -1
-    value = ""
-
-
-def _http_date() -> str:
-    now = int(time.time())
-    if now != _Clock.second:
-        _Clock.second, _Clock.value = now, formatdate(now, usegmt=True)
-    return _Clock.value
-
-
-def _encode_head(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:
-    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
-    lines.append("\r\n")
-    # Upstream headers were decoded with surrogateescape: their bytes go out unchanged.
-    return "".join(lines).encode("utf-8", "surrogateescape")
-
-
-class _ConnectionSink:
-    """A relayed response written straight to the connection."""
-
-    def __init__(self, connection: ProxyConnection, close: bool) -> None:
-        self._connection = connection
-        self.closes = close  # the connection ends with this response
-        self._head = b""
-        self._chunked = False
-        self.status = 0
-        self.started = False
-        self.ended = False
-
-    async def start(
-        self, status: int, reason: str, headers: CIMultiDict[str], content_length: int | None
-    ) -> None:
-        """Prepare the head; it leaves with the first body bytes (or at the end)."""
-        self.status = status
-        if "Date" not in headers:
-            headers["Date"] = _http_date()
-        if status in NO_BODY_STATUSES or status < 200:
-            pass
-        elif content_length is not None:
-            headers["Content-Length"] = str(content_length)
-        else:
-            headers["Transfer-Encoding"] = "chunked"
-            self._chunked = True
-        if self.closes:
-            headers["Connection"] = "close"
-        self._head = _encode_head(status, reason, headers)
-        self.started = True
-
-    async def write(self, data: bytes) -> None:
-        if data and self._chunked:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
-        if self._head:
-            data, self._head = self._head + data, b""
-        if data:
-            await self._connection.send(data)
-
-    async def end(self) -> None:
-        tail = b"0\r\n\r\n" if self._chunked else b""
-        data, self._head = self._head + tail, b""
-        if data:
-            await self._connection.send(data)
-        self.ended = True
-
-    def abort(self) -> None:
-        self._connection.close()
 
 
 class ProxyConnection(asyncio.Protocol):
@@ -435,7 +223,7 @@ class ProxyConnection(asyncio.Protocol):
 
     async def _serve(self, head: RequestHead) -> None:
         """Serve one request as the middleware and the route would, then the next one."""
-        sink = _ConnectionSink(self, head.close)
+        sink = ConnectionSink(self, head.close)
         try:
             with RequestRecord(self._app[IN_FLIGHT], ROUTE, head.method) as record:
                 record.status = await self._respond(head, record.ctx, sink)
@@ -453,7 +241,7 @@ class ProxyConnection(asyncio.Protocol):
         self._resume_reading()
         self._next_request()
 
-    async def _respond(self, head: RequestHead, ctx: RequestContext, sink: _ConnectionSink) -> int:
+    async def _respond(self, head: RequestHead, ctx: RequestContext, sink: ConnectionSink) -> int:
         """Run the proxy; answer a refusal with the envelope. Returns the status sent."""
         request = ProxyRequest(
             head.method, head.raw_path, head.query_string, head.headers, self._read_body
@@ -475,7 +263,7 @@ class ProxyConnection(asyncio.Protocol):
         return error.status
 
     async def _send_error(
-        self, error: GatewayError, ctx: RequestContext, sink: _ConnectionSink
+        self, error: GatewayError, ctx: RequestContext, sink: ConnectionSink
     ) -> None:
         rendered = render_error(error, ctx.request_id)
         headers: CIMultiDict[str] = CIMultiDict(rendered.headers)
