@@ -118,7 +118,7 @@ def _encode_head(rendered: RenderedError) -> bytes:
 class _GatewayServer(web.Server):
     """aiohttp's server, whose connections start with the proxy route's own handler.
 
-    That handler (`proxyserver.py`) serves well-formed proxy requests itself and hands
+    That handler (`serve/fastpath.py`) serves well-formed proxy requests itself and hands
     every other connection to aiohttp's handler, which answers its own errors in the
     envelope.
     """
