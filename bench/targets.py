@@ -32,7 +32,7 @@ GATEWAY: Final = "gateway"
 # The gateway of an earlier commit (``--baseline-tree``), beside this one in the same run.
 GATEWAY_BASELINE: Final = "gateway-baseline"
 GATEWAY_COLD: Final = "gateway-cold"
-# The gateway with metering switched off (`bench/unmetered.py`): what metering costs.
+# The gateway with metering switched off (METERED_PATHS empty): what metering costs.
 GATEWAY_UNMETERED: Final = "gateway-unmetered"
 NGINX: Final = "nginx"
 LITELLM: Final = "litellm"
@@ -145,24 +145,23 @@ class GatewayOptions:
     token: str | None = None
     keys_file: Path | None = None
     keep_stdout: bool = False
-    module: str = "gateway"  # or "bench.unmetered"
+    env: dict[str, str] = field(default_factory=dict)  # over gateway_env's
     tree: Path | None = None  # run this checkout's ``gateway`` package (gateway-baseline)
 
 
 def start_gateway(
     options: GatewayOptions, upstream: Upstream, database_url: str, tmp: Path, log_dir: Path
 ) -> Target:
-    """Start ``python -m gateway serve`` (or ``options.module``) with its stdout (the
-    request log) to /dev/null."""
+    """Start ``python -m gateway serve`` with its stdout (the request log) to /dev/null."""
     port = free_port()
     work_dir = tmp / options.name
     work_dir.mkdir(exist_ok=True)
-    env = gateway_env(upstream, database_url, port, work_dir)
+    env = gateway_env(upstream, database_url, port, work_dir) | options.env
     cwd = PROJECT_ROOT
     if options.tree is not None:
         cwd = options.tree
         env.update(tree_env(options.tree))
-    argv = [sys.executable, "-m", options.module, "serve", "--workers", str(options.workers)]
+    argv = [sys.executable, "-m", "gateway", "serve", "--workers", str(options.workers)]
     child = spawn(
         options.name,
         argv,

@@ -163,6 +163,20 @@ def names(setting: Setting, raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+# The paths whose responses report usage; METERED_PATHS may name these, or none.
+METERABLE_PATHS = ("chat/completions", "completions")
+
+
+def metered(setting: Setting, raw: str) -> tuple[str, ...]:
+    paths = names(setting, raw)
+    unknown = sorted(set(paths) - set(METERABLE_PATHS))
+    if unknown:
+        raise ConfigError(
+            f"{setting.name} may name only {', '.join(METERABLE_PATHS)}; got {', '.join(unknown)}"
+        )
+    return paths
+
+
 def fs_path(setting: Setting, raw: str) -> Path:
     return Path(raw)
 
@@ -207,6 +221,7 @@ class Config:
     )
     max_body_bytes: int = setting("MAX_BODY_BYTES", whole, low=1024, high=1 << 31)
     proxy_allowed_paths: tuple[str, ...] = setting("PROXY_ALLOWED_PATHS", names)
+    metered_paths: tuple[str, ...] = setting("METERED_PATHS", metered)
     header_timeout_seconds: float = setting("HEADER_TIMEOUT_SECONDS", number, low=0.01)
     body_timeout_seconds: float = setting("BODY_TIMEOUT_SECONDS", number, low=0.01)
     database_pool_min_size: int = setting("DATABASE_POOL_MIN_SIZE", whole, low=0, high=1000)

@@ -23,6 +23,8 @@ from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import MID_STREAM_ERROR_MODEL, RunningUpstream
+from gateway import config as gateway_config
+from gateway.config import ConfigError
 from gateway.ledger.writer import LEDGER
 from tests.conftest import RunningGateway
 from tests.factories import Seed
@@ -276,6 +278,33 @@ async def test_requests_that_are_not_completions_are_not_charged(
     await usage_row(db, marker.request_id)
     assert await row_count(db, who.org_id) == 1
     assert await used(db, who.org_id) == COST
+
+
+async def test_metered_paths_choose_what_is_charged(
+    start: Start, client: aiohttp.ClientSession, db: asyncpg.Connection, seed: Seed
+) -> None:
+    """METERED_PATHS=chat/completions: text completions pass through uncharged, chat is
+    charged (the bench's gateway-unmetered sets it empty)."""
+    gateway = await start(METERED_PATHS="chat/completions", USAGE_FLUSH_INTERVAL_SECONDS=0.01)
+    who = await member(seed)
+    text = await post(
+        client,
+        gateway,
+        who.token,
+        {"model": PAID_MODEL, "prompt": "hi"},
+        path="/api/openrouter/completions",
+    )
+    assert text.status == 200
+    marker = await post(client, gateway, who.token)  # once written, the other would be too
+    await usage_row(db, marker.request_id)
+    assert await row_count(db, who.org_id) == 1
+    assert await used(db, who.org_id) == COST
+
+
+@pytest.mark.parametrize("value", ["embeddings", "chat/completions,models"])
+def test_metered_paths_name_only_paths_that_report_usage(value: str) -> None:
+    with pytest.raises(ConfigError, match="METERED_PATHS"):
+        gateway_config.from_env({"OPENROUTER_API_KEY": "k", "METERED_PATHS": value})
 
 
 # --- Requests that end badly --------------------------------------------------------------

@@ -36,7 +36,6 @@ from gateway.proxy.usage_json import (
     usage_of,
 )
 
-METERED_PATHS = frozenset({"chat/completions", "completions"})
 # A usage line longer than this is not a usage line; stop buffering rather than grow.
 MAX_LINE_BYTES = 1 << 20
 # A stream's chunks are read together once this many bytes have come (and at the end):

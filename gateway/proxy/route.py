@@ -51,7 +51,7 @@ from gateway.proxy.forwarding import (
     upstream_target,
 )
 from gateway.proxy.listings import LISTINGS, MODELS_PATH, listing_headers
-from gateway.proxy.metering import METERED_PATHS, Meter
+from gateway.proxy.metering import Meter
 from gateway.proxy.relay import Sink, relay
 from gateway.proxy.upstream import (
     UPSTREAM,
@@ -137,7 +137,7 @@ async def proxy(
         await send_model_list(app, request, ctx, sink)
         return
     body = _Body(request.read_body)
-    metered = request.method == "POST" and tail in METERED_PATHS
+    metered = request.method == "POST" and tail in config.metered_paths
     admission = await admit(
         method=request.method,
         headers=request.headers,
