@@ -28,7 +28,7 @@ from gateway.errors import DatabaseUnavailable
 from gateway.ledger.writer import LEDGER, UsageLedger
 from gateway.platform import logs, metrics
 from gateway.platform.database import POOL, QUERIES, QueryLimiter, create_pool
-from gateway.platform.metrics import metrics_handler
+from gateway.platform.metrics import TALLY, Tally, metrics_handler
 from gateway.proxy import listings
 from gateway.proxy.route import proxy_handler
 from gateway.proxy.upstream import CONNECT_TIMEOUT_SECONDS, UPSTREAM, UpstreamClient
@@ -43,6 +43,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[gateway_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[IN_FLIGHT] = set()
+    app[TALLY] = Tally()
     app[QUERIES] = QueryLimiter(config.database_max_pending_queries)
     app[CACHE] = build_cache(app, config)
     app[LISTENER] = ChangeListener(
@@ -59,6 +60,7 @@ def create_app(config: Config) -> web.Application:
         max_pending=config.usage_max_pending,
         on_charged=partial(revalidate_unless_notified, app[LISTENER], app[CACHE]),
     )
+    app[TALLY].follow_pending(app[LEDGER])
     # Cleanup runs in reverse: charges are flushed before the pool closes.
     app.cleanup_ctx.extend(
         [flusher, database_pool, upstream_session, usage_ledger, change_listener]
@@ -118,6 +120,7 @@ def build_cache(app: web.Application, config: Config) -> FactsCache:
         stale_seconds=config.stale_if_error_seconds,
         stale_on=(DatabaseUnavailable,),
         on_stale_facts=metrics.CACHE_STALE.inc,
+        tally=app[TALLY],
     )
 
 
@@ -125,18 +128,20 @@ def build_cache(app: web.Application, config: Config) -> FactsCache:
 FOLD_SLICE = 128
 
 
-async def flusher(_app: web.Application) -> AsyncIterator[None]:
+async def flusher(app: web.Application) -> AsyncIterator[None]:
     """A few times a second, and once more at the very end: write out buffered log lines
     and count the requests answered since the last time in the metrics."""
 
+    tally = app[TALLY]
+
     def flush() -> None:
-        metrics.fold()
+        tally.fold()
         logs.flush()
 
     async def fold_in_slices() -> None:
         more = True
         while more:
-            more = metrics.fold(FOLD_SLICE)
+            more = tally.fold(FOLD_SLICE)
             await asyncio.sleep(0)  # the requests that arrived meanwhile go first
 
     async def flush_forever() -> None:

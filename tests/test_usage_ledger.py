@@ -69,7 +69,9 @@ def make_ledger(tmp_path: Path) -> Callable[..., UsageLedger]:
             "max_pending": 10_000,
         }
         settings.update(overrides)
-        return UsageLedger(**settings)
+        ledger = UsageLedger(**settings)
+        TALLY.follow_pending(ledger)
+        return ledger
 
     return make
 
@@ -125,8 +127,12 @@ async def all_written(ledger: UsageLedger, org_id: str, flusher: asyncio.Task[No
     )
 
 
+# The ledgers these tests make, followed as an application's tally follows its ledger.
+TALLY = metrics.Tally()
+
+
 def pending_gauge() -> float:
-    metrics.fold()  # as /metrics does before every scrape
+    TALLY.fold()  # as /metrics does before every scrape
     value = REGISTRY.get_sample_value("gateway_usage_pending")
     assert value is not None
     return value

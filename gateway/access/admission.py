@@ -96,10 +96,10 @@ async def organization_facts(cache: FactsCache, organization_id: str) -> OrgFact
     """The organization's facts, from the cache or the database (counted either way)."""
     facts = cache.facts.cached(organization_id)
     if facts is MISSING:
-        metrics.cache_miss()
+        cache.tally.cache_miss()
         facts = await cache.facts.load(organization_id)
     else:
-        metrics.cache_hit()
+        cache.tally.cache_hit()
     if facts is None:
         raise Forbidden("You are not a member of this organization.", reason=Reason.NOT_A_MEMBER)
     return facts

@@ -25,6 +25,7 @@ from cachetools import TTLCache
 
 from gateway.access.queries import ApiKey
 from gateway.access.rule import OrgFacts
+from gateway.platform.metrics import Tally
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -234,7 +235,10 @@ class FactsCache:
         stale_seconds: float = 0.0,
         stale_on: tuple[type[BaseException], ...] = (),
         on_stale_facts: Callable[[], None] = lambda: None,
+        tally: Tally | None = None,
     ) -> None:
+        # Where facts lookups are counted (hits and misses, for the metrics).
+        self.tally = tally if tally is not None else Tally()
         common: dict[str, Any] = {
             "ttl_seconds": ttl_seconds,
             "stale_seconds": stale_seconds,

@@ -91,7 +91,6 @@ class UsageLedger(SpillingQueue):
         self._spill_task: asyncio.Task[None] | None = None
         # Replay at start: a crashed process may have left spool files.
         self._replay_due = True
-        metrics.follow_pending(self)
 
     def record(self, charge: Charge) -> None:
         """Queue a charge; never blocks, never touches the disk, never fails the request."""

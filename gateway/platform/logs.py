@@ -11,6 +11,7 @@ the last fraction of a second of lines.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import sys
@@ -41,6 +42,9 @@ class _LineWriter:
 
 
 class _State:
+    """Where request lines go: set once by `setup_logging`, for the whole process, as the
+    logging it configures (structlog's and the standard library's) is process-wide."""
+
     stream: TextIO = sys.stdout
     request_lines = True
 
@@ -119,17 +123,13 @@ def _text(value: str | None) -> str:
     return "null" if value is None else encode_basestring_ascii(value)
 
 
-class _Clock:
-    """The ISO timestamp's seconds part, formatted once per second."""
-
-    second = -1
-    prefix = ""
+@functools.lru_cache(maxsize=1)
+def _iso_second(second: int) -> str:
+    """A timestamp's whole-second part: formatted once per second, not per line."""
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _now_iso() -> str:
     now = time.time()
     second = int(now)
-    if second != _Clock.second:
-        _Clock.second = second
-        _Clock.prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{_Clock.prefix}.{int((now - second) * 1_000_000):06d}Z"
+    return f"{_iso_second(second)}.{int((now - second) * 1_000_000):06d}Z"

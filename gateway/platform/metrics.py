@@ -1,4 +1,4 @@
-"""Prometheus metrics, as module constants, and the `/metrics` endpoint.
+"""Prometheus metrics, as module constants, the per-request `Tally`, and `/metrics`.
 
 Labels are bounded sets: route templates, methods, statuses, reasons. They never carry
 keys, organization ids or raw paths.
@@ -82,102 +82,105 @@ CACHE_HIT = ENTITLEMENT_CACHE.labels(result="hit")
 CACHE_MISS = ENTITLEMENT_CACHE.labels(result="miss")
 CACHE_STALE = ENTITLEMENT_CACHE.labels(result="stale")
 
-# labels() costs a lock and a dict lookup; requests reuse the children they made.
-_request_children: dict[tuple[str, str, int], Counter] = {}
-
-# Requests answered and not yet counted: (route, method, status, duration, upstream TTFB).
-# A request appends one tuple; `fold` counts them a few times a second and before every
-# scrape. Three metric updates, each taking a lock, cost more per request than the
-# whole log line; in a batch they run with warm caches, off the request path.
-_answered: list[tuple[str, str, int, float, float | None]] = []
-# Past this many, the request that reaches it folds (when nothing else does, as in tests
-# that never start the app's background tasks).
+# Past this many answered requests waiting to be counted, the request that reaches it
+# folds (when nothing else does, as in tests that never start the app's background tasks).
 FOLD_AT = 10_000
 
 
-class _Tally:
-    """Per-request counts kept as plain integers and put into the metrics at each fold.
+class Tally:
+    """The application's per-request counts, kept as plain numbers and put into the
+    Prometheus metrics at each fold (a few times a second, and before every scrape).
 
-    prometheus_client takes a lock for every increment; a handful per request cost
-    several microseconds on the proxy path.
+    prometheus_client takes a lock for every update; three updates a request cost more
+    than the whole log line, and a handful more for streams and cache lookups cost
+    several microseconds on the proxy path. In a batch they run with warm caches, off
+    the request path. One per application (`TALLY`), not per module, so that two
+    applications in one process (the tests) never count each other's requests.
     """
 
-    open_streams = 0
-    cache_hits = 0
-    cache_misses = 0
+    __slots__ = ("_answered", "_children", "_pending", "cache_hits", "cache_misses", "open_streams")
+
+    def __init__(self) -> None:
+        # Requests answered and not yet counted: (route, method, status, duration, TTFB).
+        self._answered: list[tuple[str, str, int, float, float | None]] = []
+        # labels() costs a lock and a dict lookup; requests reuse the children they made.
+        self._children: dict[tuple[str, str, int], Counter] = {}
+        # Queues of charges not yet written (the usage ledgers): the pending gauge.
+        self._pending: weakref.WeakSet[Sized] = weakref.WeakSet()
+        self.open_streams = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def stream_opened(self) -> None:
+        self.open_streams += 1
+
+    def stream_closed(self) -> None:
+        self.open_streams -= 1
+
+    def cache_hit(self) -> None:
+        self.cache_hits += 1
+
+    def cache_miss(self) -> None:
+        self.cache_misses += 1
+
+    def follow_pending(self, queue: Sized) -> None:
+        """Report `len(queue)` as part of gateway_usage_pending (for as long as it lives)."""
+        self._pending.add(queue)
+
+    def request_answered(
+        self,
+        route: str,
+        method: str,
+        status: int,
+        duration_seconds: float,
+        ttfb_seconds: float | None,
+    ) -> None:
+        """Note one answered request for the request, duration and upstream TTFB metrics."""
+        self._answered.append((route, method, status, duration_seconds, ttfb_seconds))
+        if len(self._answered) >= FOLD_AT:
+            self.fold()
+
+    def fold(self, limit: int | None = None) -> bool:
+        """Put what was tallied into the metrics: all of it, or the oldest `limit` requests.
+
+        Returns True while requests remain. Folding takes about 2 us a request, so the
+        flusher folds in slices and lets requests in between: one fold of 0.2 s at 7,000
+        requests a second held the event loop for 2.4 ms, which every request arriving
+        meanwhile waited for.
+        """
+        answered = self._answered
+        if limit is None or limit >= len(answered):
+            batch = answered.copy()
+            answered.clear()
+        else:
+            batch = answered[:limit]
+            del answered[:limit]
+        counts: dict[tuple[str, str, int], int] = {}
+        for route, method, status, duration, ttfb in batch:
+            key = (route, method, status)
+            counts[key] = counts.get(key, 0) + 1
+            REQUEST_DURATION.observe(duration)
+            if ttfb is not None:
+                UPSTREAM_TTFB.observe(ttfb)
+        children = self._children
+        for key, count in counts.items():
+            child = children.get(key)
+            if child is None:
+                route, method, status = key
+                child = children[key] = REQUESTS.labels(route, method, str(status))
+            child.inc(count)
+        hits, misses = self.cache_hits, self.cache_misses
+        self.cache_hits = self.cache_misses = 0
+        if hits:
+            CACHE_HIT.inc(hits)
+        if misses:
+            CACHE_MISS.inc(misses)
+        ACTIVE_STREAMS.set(self.open_streams)
+        USAGE_PENDING.set(sum(len(queue) for queue in list(self._pending)))
+        return bool(answered)
 
 
-# Queues of charges not yet written (the usage ledgers): the pending gauge is their length.
-_pending_queues: weakref.WeakSet[Sized] = weakref.WeakSet()
-
-
-def stream_opened() -> None:
-    _Tally.open_streams += 1
-
-
-def stream_closed() -> None:
-    _Tally.open_streams -= 1
-
-
-def cache_hit() -> None:
-    _Tally.cache_hits += 1
-
-
-def cache_miss() -> None:
-    _Tally.cache_misses += 1
-
-
-def follow_pending(queue: Sized) -> None:
-    """Report `len(queue)` as part of gateway_usage_pending (for as long as it lives)."""
-    _pending_queues.add(queue)
-
-
-def request_answered(
-    route: str, method: str, status: int, duration_seconds: float, ttfb_seconds: float | None
-) -> None:
-    """Note one answered request for the request, duration and upstream TTFB metrics."""
-    _answered.append((route, method, status, duration_seconds, ttfb_seconds))
-    if len(_answered) >= FOLD_AT:
-        fold()
-
-
-def fold(limit: int | None = None) -> bool:
-    """Put what was tallied into the metrics: all of it, or the oldest `limit` requests.
-
-    Returns True while requests remain. Folding takes about 2 us a request, so the
-    flusher folds in slices and lets requests in between: one fold of 0.2 s at 7,000
-    requests a second held the event loop for 2.4 ms, which every request arriving
-    meanwhile waited for.
-    """
-    if limit is None or limit >= len(_answered):
-        batch = _answered.copy()
-        _answered.clear()
-    else:
-        batch = _answered[:limit]
-        del _answered[:limit]
-    counts: dict[tuple[str, str, int], int] = {}
-    for route, method, status, duration, ttfb in batch:
-        key = (route, method, status)
-        counts[key] = counts.get(key, 0) + 1
-        REQUEST_DURATION.observe(duration)
-        if ttfb is not None:
-            UPSTREAM_TTFB.observe(ttfb)
-    children = _request_children
-    for key, count in counts.items():
-        child = children.get(key)
-        if child is None:
-            route, method, status = key
-            child = children[key] = REQUESTS.labels(route, method, str(status))
-        child.inc(count)
-    hits, misses = _Tally.cache_hits, _Tally.cache_misses
-    _Tally.cache_hits = _Tally.cache_misses = 0
-    if hits:
-        CACHE_HIT.inc(hits)
-    if misses:
-        CACHE_MISS.inc(misses)
-    ACTIVE_STREAMS.set(_Tally.open_streams)
-    USAGE_PENDING.set(sum(len(queue) for queue in list(_pending_queues)))
-    return bool(_answered)
+TALLY = web.AppKey("tally", Tally)
 
 
 def exposition_registry() -> CollectorRegistry:
@@ -189,9 +192,9 @@ def exposition_registry() -> CollectorRegistry:
     return registry
 
 
-async def metrics_handler(_request: web.Request) -> web.Response:
+async def metrics_handler(request: web.Request) -> web.Response:
     """Serve every metric in the Prometheus text format."""
-    fold()
+    request.app[TALLY].fold()
     response = web.Response(body=generate_latest(exposition_registry()))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

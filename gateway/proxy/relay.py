@@ -18,7 +18,7 @@ from typing import Protocol
 from multidict import CIMultiDict
 
 from gateway.common.context import RequestContext
-from gateway.platform import metrics
+from gateway.platform.metrics import Tally
 from gateway.proxy.forwarding import relay_headers
 from gateway.proxy.metering import Meter
 from gateway.proxy.upstream import UpstreamBroke, UpstreamResponse
@@ -64,6 +64,7 @@ async def relay(
     upstream: UpstreamResponse,
     ctx: RequestContext,
     would_block: str | None,
+    tally: Tally,
     charge: Charger | None = None,
 ) -> None:
     """Stream the upstream response to the client chunk by chunk, as it arrives."""
@@ -71,7 +72,7 @@ async def relay(
     if would_block is not None:
         headers[WOULD_BLOCK_HEADER] = would_block
     feed_meter = charge.meter.start(upstream.content_type) if charge is not None else None
-    metrics.stream_opened()
+    tally.stream_opened()
     client_gone = True  # until the response ends one of the known ways
     try:
         chunk = await _start_response(sink, upstream, headers)
@@ -85,6 +86,7 @@ async def relay(
         # The client went away (before the headers or mid-body): nothing is left to send.
         ctx.client_gone = True
     finally:
+        tally.stream_closed()
         _finish(upstream, charge, client_gone)
 
 
@@ -128,7 +130,6 @@ async def _relay_body(
 
 def _finish(upstream: UpstreamResponse, charge: Charger | None, client_gone: bool) -> None:
     """The response is over, however it ended: charge, and let the upstream go."""
-    metrics.stream_closed()
     if charge is not None:
         charge(upstream.status, cancelled=client_gone)
     if upstream.complete:

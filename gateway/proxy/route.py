@@ -40,6 +40,7 @@ from gateway.errors import (
 )
 from gateway.ledger.writer import LEDGER, Charge, UsageLedger
 from gateway.platform.aiohttp_internals import defer_headers_to_first_write
+from gateway.platform.metrics import TALLY
 from gateway.proxy.forwarding import (
     REQUEST_ID_HEADER,
     allow_header,
@@ -151,7 +152,7 @@ async def proxy(
     content = await body.read()
     if not metered or admission.caller is None:
         upstream = await send_upstream(app, request, ctx, tail, content)
-        await relay(sink, upstream, ctx, admission.would_block)
+        await relay(sink, upstream, ctx, admission.would_block, app[TALLY])
         return
     charge = _Charger(app[LEDGER], ctx, admission.caller, await body.meter())
     try:
@@ -162,7 +163,7 @@ async def proxy(
     except asyncio.CancelledError:
         charge(CLIENT_CLOSED_REQUEST, cancelled=True)
         raise
-    await relay(sink, upstream, ctx, admission.would_block, charge)
+    await relay(sink, upstream, ctx, admission.would_block, app[TALLY], charge)
 
 
 class _Body:

@@ -9,6 +9,7 @@ in one write.
 
 from __future__ import annotations
 
+import functools
 import time
 from email.utils import formatdate
 from typing import Protocol
@@ -28,18 +29,14 @@ class Connection(Protocol):
         """Close the connection."""
 
 
-class _Clock:
-    """The Date header's value, formatted once per second."""
-
-    second = -1
-    value = ""
+@functools.lru_cache(maxsize=1)
+def _http_date_at(second: int) -> str:
+    """The Date header's value for a second: formatted once per second, not per response."""
+    return formatdate(second, usegmt=True)
 
 
 def _http_date() -> str:
-    now = int(time.time())
-    if now != _Clock.second:
-        _Clock.second, _Clock.value = now, formatdate(now, usegmt=True)
-    return _Clock.value
+    return _http_date_at(int(time.time()))
 
 
 def _encode_head(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:

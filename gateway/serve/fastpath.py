@@ -33,7 +33,7 @@ from typing import Protocol
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.common.context import IN_FLIGHT, RequestContext
+from gateway.common.context import RequestContext
 from gateway.config import CONFIG
 from gateway.errors import GatewayError, RequestTimeout, render_error
 from gateway.platform.aiohttp_internals import tcp_keepalive, tcp_nodelay
@@ -225,7 +225,7 @@ class ProxyConnection(asyncio.Protocol):
         """Serve one request as the middleware and the route would, then the next one."""
         sink = ConnectionSink(self, head.close)
         try:
-            with RequestRecord(self._app[IN_FLIGHT], ROUTE, head.method) as record:
+            with RequestRecord(self._app, ROUTE, head.method) as record:
                 record.status = await self._respond(head, record.ctx, sink)
         finally:
             self._task = None

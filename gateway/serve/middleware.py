@@ -29,8 +29,8 @@ from gateway.errors import (
     error_for_status,
     render_error,
 )
-from gateway.platform import metrics
 from gateway.platform.logs import log_request
+from gateway.platform.metrics import TALLY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = structlog.get_logger("gateway.middleware")
@@ -58,11 +58,12 @@ class RequestRecord:
     its id and context, its place among the requests in flight (which a shutdown drains),
     and its log line and metrics when it ends (499 when it was cancelled)."""
 
-    __slots__ = ("_in_flight", "_started", "_task", "ctx", "method", "status")
+    __slots__ = ("_in_flight", "_started", "_tally", "_task", "ctx", "method", "status")
 
-    def __init__(self, in_flight: set[asyncio.Task[Any]], route: str, method: str) -> None:
+    def __init__(self, app: web.Application, route: str, method: str) -> None:
         self._started = time.perf_counter()
-        self._in_flight = in_flight
+        self._in_flight = app[IN_FLIGHT]
+        self._tally = app[TALLY]
         self._task: asyncio.Task[Any] | None = None
         self.ctx = RequestContext(new_request_id(), route)
         self.method = method
@@ -80,14 +81,16 @@ class RequestRecord:
         if self._task is not None:
             self._in_flight.discard(self._task)
         ctx, duration = self.ctx, time.perf_counter() - self._started
-        metrics.request_answered(ctx.route, self.method, self.status, duration, ctx.ttfb_seconds)
+        self._tally.request_answered(
+            ctx.route, self.method, self.status, duration, ctx.ttfb_seconds
+        )
         log_request(ctx, method=self.method, status=self.status, duration_seconds=duration)
 
 
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give the request an id and context; answer errors with the envelope; log and count."""
-    with RequestRecord(request.app[IN_FLIGHT], route_of(request), request.method) as record:
+    with RequestRecord(request.app, route_of(request), request.method) as record:
         request[CONTEXT] = record.ctx
         response = await _handle(request, handler, record.ctx)
         record.status = CLIENT_CLOSED_REQUEST if record.ctx.client_gone else response.status
