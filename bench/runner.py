@@ -90,7 +90,7 @@ def _starters(
             log_dir,
         ),
         targets.GATEWAY_UNMETERED: lambda: gateway(
-            targets.GATEWAY_UNMETERED, token=token, env={"METERED_PATHS": ""}
+            targets.GATEWAY_UNMETERED, token=token, env={"METERED_PATHS": "none"}
         ),
         targets.GATEWAY_COLD: lambda: gateway(targets.GATEWAY_COLD, keys_file=prep.cold_keys_file),
         targets.NGINX: lambda: targets.start_nginx(up, opts.workers, tmp, log_dir, token),

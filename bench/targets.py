@@ -32,7 +32,7 @@ GATEWAY: Final = "gateway"
 # The gateway of an earlier commit (``--baseline-tree``), beside this one in the same run.
 GATEWAY_BASELINE: Final = "gateway-baseline"
 GATEWAY_COLD: Final = "gateway-cold"
-# The gateway with metering switched off (METERED_PATHS empty): what metering costs.
+# The gateway with metering switched off (METERED_PATHS=none): what metering costs.
 GATEWAY_UNMETERED: Final = "gateway-unmetered"
 NGINX: Final = "nginx"
 LITELLM: Final = "litellm"

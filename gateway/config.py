@@ -163,11 +163,14 @@ def names(setting: Setting, raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
-# The paths whose responses report usage; METERED_PATHS may name these, or none.
+# The paths whose responses report usage; METERED_PATHS may name these, or "none" (an
+# empty value means the default, as for every setting).
 METERABLE_PATHS = ("chat/completions", "completions")
 
 
 def metered(setting: Setting, raw: str) -> tuple[str, ...]:
+    if raw.strip().lower() == "none":
+        return ()
     paths = names(setting, raw)
     unknown = sorted(set(paths) - set(METERABLE_PATHS))
     if unknown:

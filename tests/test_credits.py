@@ -301,6 +301,11 @@ async def test_metered_paths_choose_what_is_charged(
     assert await used(db, who.org_id) == COST
 
 
+def test_metered_paths_none_meters_nothing() -> None:
+    config = gateway_config.from_env({"OPENROUTER_API_KEY": "k", "METERED_PATHS": "none"})
+    assert config.metered_paths == ()
+
+
 @pytest.mark.parametrize("value", ["embeddings", "chat/completions,models"])
 def test_metered_paths_name_only_paths_that_report_usage(value: str) -> None:
     with pytest.raises(ConfigError, match="METERED_PATHS"):
