@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from multidict import CIMultiDictProxy
 
 from gateway.access.auth import Caller, authorize
-from gateway.access.cache import MISSING, FactsCache
+from gateway.access.cache import FactsCache
 from gateway.access.queries import ApiKey
 from gateway.access.refusals import check, needs_model
 from gateway.access.rule import OrgFacts
@@ -94,12 +94,7 @@ async def admit(
 
 async def organization_facts(cache: FactsCache, organization_id: str) -> OrgFacts:
     """The organization's facts, from the cache or the database (counted either way)."""
-    facts = cache.facts.cached(organization_id)
-    if facts is MISSING:
-        cache.tally.cache_miss()
-        facts = await cache.facts.load(organization_id)
-    else:
-        cache.tally.cache_hit()
+    facts = await cache.facts.get(organization_id)
     if facts is None:
         raise Forbidden("You are not a member of this organization.", reason=Reason.NOT_A_MEMBER)
     return facts

@@ -12,7 +12,7 @@ import re
 
 from multidict import CIMultiDictProxy
 
-from gateway.access.cache import MISSING, FactsCache
+from gateway.access.cache import FactsCache
 from gateway.access.queries import ApiKey
 from gateway.errors import BadRequest, Forbidden, InvalidApiKey, Reason
 
@@ -67,9 +67,7 @@ def bearer_token(headers: CIMultiDictProxy[str]) -> str:
 async def authenticate(headers: CIMultiDictProxy[str], cache: FactsCache) -> ApiKey:
     """The live API key presented in the headers, or 401."""
     key_hash = hash_token(bearer_token(headers))
-    key = cache.keys.cached(key_hash)
-    if key is MISSING:
-        key = await cache.keys.load(key_hash)
+    key = await cache.keys.get(key_hash)
     if key is None:
         raise InvalidApiKey("Invalid or revoked API key.")
     return key
@@ -123,9 +121,7 @@ async def authorize(headers: CIMultiDictProxy[str], key: ApiKey, cache: FactsCac
     """The caller as a member of the request's organization, or 400/403."""
     organization_id = await resolve_organization(headers, key, cache)
     role_key = (organization_id, key.user_id)
-    role = cache.roles.cached(role_key)
-    if role is MISSING:
-        role = await cache.roles.load(role_key)
+    role = await cache.roles.get(role_key)
     if role is None or role == BILLING_MANAGER:
         # Billing managers pay for an organization; they do not use its models.
         raise Forbidden("You are not a member of this organization.", reason=Reason.NOT_A_MEMBER)

@@ -67,10 +67,14 @@ class Lookup(Generic[K, V]):
         stale_seconds: float = 0.0,
         stale_on: tuple[type[BaseException], ...] = (),
         on_stale: Callable[[], None] = lambda: None,
+        on_hit: Callable[[], None] = lambda: None,
+        on_miss: Callable[[], None] = lambda: None,
         revalidate_in_background: bool = False,
         maxsize: int = DEFAULT_MAXSIZE,
     ) -> None:
         self._load = load
+        # Counted by `get` (the metrics' cache hit rate).
+        self._on_hit, self._on_miss = on_hit, on_miss
         self._revalidate_in_background = revalidate_in_background
         self._ttl = ttl_seconds
         self._found: TTLCache[K, _Entry[V]] = TTLCache(maxsize, ttl_seconds + stale_seconds)
@@ -113,10 +117,14 @@ class Lookup(Generic[K, V]):
         return key in self._absent
 
     async def get(self, key: K) -> V | None:
-        """The value for `key`, from the cache or loaded once for all concurrent callers."""
+        """The value for `key`, from the cache or loaded once for all concurrent callers.
+
+        The one way the request path reads the cache (keys, roles, facts), counted."""
         value = self.cached(key)
         if value is not MISSING:
+            self._on_hit()
             return value
+        self._on_miss()
         return await self.load(key)
 
     async def load(self, key: K) -> V | None:
@@ -253,7 +261,13 @@ class FactsCache:
         # while one refresh runs, instead of making requests wait on it. Keys and
         # memberships are never served past a change: a revoked key is refused at once.
         self.facts: Lookup[str, OrgFacts] = Lookup(
-            load_facts, on_stale=on_stale_facts, revalidate_in_background=True, **common
+            load_facts,
+            on_stale=on_stale_facts,
+            # The entitlement cache's hit rate is the facts' (keys and roles are not counted).
+            on_hit=self.tally.cache_hit,
+            on_miss=self.tally.cache_miss,
+            revalidate_in_background=True,
+            **common,
         )
 
     def apply_change(self, change: dict[str, Any]) -> None:
