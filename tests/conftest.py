@@ -188,10 +188,11 @@ class RunningGateway:
         await self.runner.cleanup()
 
 
-async def start_gateway(config: gateway_config.Config) -> RunningGateway:
-    """Serve `create_app(config)` exactly as `serve` does, on an ephemeral port."""
+async def start_gateway(config: gateway_config.Config, **runner_kwargs: Any) -> RunningGateway:
+    """Serve `create_app(config)` exactly as `serve` does, on an ephemeral port (keywords:
+    the runner's settings, as `keepalive_timeout`)."""
     app = create_app(config)
-    runner = runner_for(app, shutdown_timeout=1.0)
+    runner = runner_for(app, **{"shutdown_timeout": 1.0, **runner_kwargs})
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

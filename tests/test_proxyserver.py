@@ -14,18 +14,15 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
-from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from bench.fake_upstream import RunningUpstream
 from gateway import config as gateway_config
-from gateway.app import create_app
 from gateway.serve.heads import MAX_HEAD_BYTES, parse_head
-from gateway.serve.runner import runner_for
-from tests.conftest import RunningGateway
+from tests.conftest import RunningGateway, start_gateway
 from tests.factories import Seed
 from tests.test_proxy import EXPIRED_AGE, org_member
 
@@ -333,12 +330,7 @@ async def brief_gateway(
     make_config: Callable[..., gateway_config.Config],
 ) -> AsyncIterator[RunningGateway]:
     """A gateway whose idle connections close after half a second."""
-    app = create_app(make_config())
-    runner = runner_for(app, shutdown_timeout=1.0, keepalive_timeout=KEEPALIVE_SECONDS)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    gateway = RunningGateway(app, runner, URL(f"http://127.0.0.1:{runner.addresses[0][1]}"))
+    gateway = await start_gateway(make_config(), keepalive_timeout=KEEPALIVE_SECONDS)
     yield gateway
     await gateway.close()
 
@@ -365,18 +357,10 @@ async def test_an_idle_keep_alive_connection_is_closed(
 
 
 @pytest.fixture
-async def slow_body_gateway(
-    make_config: Callable[..., gateway_config.Config],
-) -> AsyncIterator[RunningGateway]:
+async def slow_body_gateway(gateway_factory: Callable[..., Any]) -> RunningGateway:
     """A gateway that waits half a second for a request's body."""
-    app = create_app(make_config(BODY_TIMEOUT_SECONDS=BODY_TIMEOUT))
-    runner = runner_for(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    gateway = RunningGateway(app, runner, URL(f"http://127.0.0.1:{runner.addresses[0][1]}"))
-    yield gateway
-    await gateway.close()
+    gateway: RunningGateway = await gateway_factory(BODY_TIMEOUT_SECONDS=BODY_TIMEOUT)
+    return gateway
 
 
 BODY_TIMEOUT = 0.5

@@ -15,11 +15,12 @@ import asyncio
 import dataclasses
 from typing import Any
 
-from aiohttp import web
+from aiohttp import http_parser, web
 from aiohttp.tcp_helpers import tcp_keepalive, tcp_nodelay
 
 __all__ = [
     "INTERNALS",
+    "SINGLETON_HEADERS",
     "Internal",
     "ServerClassRunner",
     "defer_headers_to_first_write",
@@ -38,7 +39,7 @@ __all__ = [
 class Internal:
     """One private name the gateway uses: on what, and why."""
 
-    owner: type[Any]
+    owner: Any  # a class, or a module
     name: str
     why: str
     on_instance: bool  # set in __init__ rather than on the class
@@ -79,12 +80,22 @@ INTERNALS: tuple[Internal, ...] = (
         on_instance=False,
     ),
     Internal(
+        http_parser,
+        "SINGLETON_HEADERS",
+        "the headers aiohttp refuses to see twice: the fast path hands such heads over",
+        on_instance=False,
+    ),
+    Internal(
         web.StreamResponse,
         "_send_headers_immediately",
         "False sends a relayed response's head with its first body bytes: one write",
         on_instance=False,
     ),
 )
+
+
+# Lowercase, as the fast path compares them.
+SINGLETON_HEADERS = frozenset(name.lower() for name in http_parser.SINGLETON_HEADERS)
 
 
 def requests_read(handler: web.RequestHandler) -> int:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Mapping
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Protocol
 
 from multidict import CIMultiDict
@@ -39,7 +41,16 @@ def _http_date() -> str:
     return _http_date_at(int(time.time()))
 
 
-def _encode_head(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:
+def status_phrase(status: int) -> str:
+    """The reason phrase for a status the gateway answers with itself."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def encode_head(status: int, reason: str, headers: Mapping[str, str]) -> bytes:
+    """A response head as it goes on the wire, written by the gateway's own servers."""
     lines = [f"HTTP/1.1 {status} {reason}\r\n"]
     lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
     lines.append("\r\n")
@@ -75,7 +86,7 @@ class ConnectionSink:
             self._chunked = True
         if self.closes:
             headers["Connection"] = "close"
-        self._head = _encode_head(status, reason, headers)
+        self._head = encode_head(status, reason, headers)
         self.started = True
 
     async def write(self, data: bytes) -> None:

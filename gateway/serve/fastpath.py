@@ -27,19 +27,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from http import HTTPStatus
 from typing import Protocol
 
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.common.context import RequestContext
+from gateway.common.context import IN_FLIGHT, RequestContext
 from gateway.config import CONFIG
 from gateway.errors import GatewayError, RequestTimeout, render_error
 from gateway.platform.aiohttp_internals import tcp_keepalive, tcp_nodelay
+from gateway.platform.metrics import TALLY
 from gateway.proxy.forwarding import PREFIX
 from gateway.proxy.route import ProxyRequest, proxy
-from gateway.serve.connection_sink import ConnectionSink
+from gateway.serve.connection_sink import ConnectionSink, status_phrase
 from gateway.serve.heads import RequestHead, parse_head
 from gateway.serve.middleware import CLIENT_CLOSED_REQUEST, RequestRecord, refusal, unexpected_error
 
@@ -57,6 +57,8 @@ class ProxyConnection(asyncio.Protocol):
     def __init__(self, server: ConnectionOwner) -> None:
         self._server = server
         self._app = server.app
+        # Looked up once per connection, not once per request.
+        self._in_flight, self._tally = server.app[IN_FLIGHT], server.app[TALLY]
         config = server.app[CONFIG]
         self._max_body_bytes = config.max_body_bytes
         self._body_timeout_seconds = config.body_timeout_seconds
@@ -225,7 +227,7 @@ class ProxyConnection(asyncio.Protocol):
         """Serve one request as the middleware and the route would, then the next one."""
         sink = ConnectionSink(self, head.close)
         try:
-            with RequestRecord(self._app, ROUTE, head.method) as record:
+            with RequestRecord(self._in_flight, self._tally, ROUTE, head.method) as record:
                 record.status = await self._respond(head, record.ctx, sink)
         finally:
             self._task = None
@@ -267,7 +269,9 @@ class ProxyConnection(asyncio.Protocol):
     ) -> None:
         rendered = render_error(error, ctx.request_id)
         headers: CIMultiDict[str] = CIMultiDict(rendered.headers)
-        await sink.start(rendered.status, _reason(rendered.status), headers, len(rendered.body))
+        await sink.start(
+            rendered.status, status_phrase(rendered.status), headers, len(rendered.body)
+        )
         with contextlib.suppress(ConnectionError):
             await sink.write(rendered.body)
             await sink.end()
@@ -326,13 +330,6 @@ def _deliver(transport: asyncio.Transport, handler: web.RequestHandler, data: by
     if data:
         handler.data_received(data)
     transport.resume_reading()
-
-
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
 
 
 class ConnectionOwner(Protocol):

@@ -16,6 +16,8 @@ import re
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.platform.aiohttp_internals import SINGLETON_HEADERS
+
 # A longer head goes to aiohttp, whose limits then apply (8190 bytes a line).
 MAX_HEAD_BYTES = 8190
 # aiohttp refuses more header lines than this.
@@ -26,22 +28,6 @@ _METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 # Headers whose handling stays aiohttp's: body framing and decoding, interim responses,
 # protocol switches.
 _HAND_OVER_HEADERS = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade"})
-# Headers aiohttp refuses to see twice (its parser's SINGLETON_HEADERS; a test keeps the
-# two the same).
-SINGLETON_HEADERS = frozenset(
-    {
-        "content-length",
-        "content-location",
-        "content-range",
-        "content-type",
-        "etag",
-        "host",
-        "max-forwards",
-        "server",
-        "transfer-encoding",
-        "user-agent",
-    }
-)
 # No percent-encoding, dot or empty segments: paths aiohttp might read differently.
 _PLAIN_PATH = re.compile(r"/api/openrouter/[A-Za-z0-9\-_~!$&'()*+,;=:@/.]*")
 _PLAIN_QUERY = re.compile(r"[!-\"$-~]*")  # visible ASCII but "#"

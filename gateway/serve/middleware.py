@@ -30,7 +30,7 @@ from gateway.errors import (
     render_error,
 )
 from gateway.platform.logs import log_request
-from gateway.platform.metrics import TALLY
+from gateway.platform.metrics import TALLY, Tally
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = structlog.get_logger("gateway.middleware")
@@ -60,10 +60,12 @@ class RequestRecord:
 
     __slots__ = ("_in_flight", "_started", "_tally", "_task", "ctx", "method", "status")
 
-    def __init__(self, app: web.Application, route: str, method: str) -> None:
+    def __init__(
+        self, in_flight: set[asyncio.Task[Any]], tally: Tally, route: str, method: str
+    ) -> None:
         self._started = time.perf_counter()
-        self._in_flight = app[IN_FLIGHT]
-        self._tally = app[TALLY]
+        self._in_flight = in_flight
+        self._tally = tally
         self._task: asyncio.Task[Any] | None = None
         self.ctx = RequestContext(new_request_id(), route)
         self.method = method
@@ -90,7 +92,8 @@ class RequestRecord:
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give the request an id and context; answer errors with the envelope; log and count."""
-    with RequestRecord(request.app, route_of(request), request.method) as record:
+    app = request.app
+    with RequestRecord(app[IN_FLIGHT], app[TALLY], route_of(request), request.method) as record:
         request[CONTEXT] = record.ctx
         response = await _handle(request, handler, record.ctx)
         record.status = CLIENT_CLOSED_REQUEST if record.ctx.client_gone else response.status

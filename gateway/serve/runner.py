@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from http import HTTPStatus
 from typing import Any
 
 import structlog
@@ -18,7 +17,7 @@ from aiohttp import web
 
 from gateway.common.context import IN_FLIGHT
 from gateway.config import CONFIG
-from gateway.errors import RenderedError, RequestTimeout, error_for_status, render_error
+from gateway.errors import RequestTimeout, error_for_status, render_error
 from gateway.platform.aiohttp_internals import (
     ServerClassRunner,
     handler_loop,
@@ -28,6 +27,7 @@ from gateway.platform.aiohttp_internals import (
     server_setting,
     waiting_for_request,
 )
+from gateway.serve.connection_sink import encode_head, status_phrase
 from gateway.serve.fastpath import LINGER_SECONDS, ProxyConnection
 from gateway.serve.middleware import error_response
 
@@ -86,7 +86,13 @@ class _EnvelopeRequestHandler(web.RequestHandler):
             return
         log.info("unreadable_request", status=408, error="header_timeout")
         rendered = render_error(RequestTimeout("The request's headers did not arrive in time."))
-        self.transport.write(_encode_head(rendered) + rendered.body)
+        headers = {
+            **rendered.headers,
+            "Content-Length": str(len(rendered.body)),
+            "Connection": "close",
+        }
+        head = encode_head(rendered.status, status_phrase(rendered.status), headers)
+        self.transport.write(head + rendered.body)
         self.force_close()
         self.transport.close()
 
@@ -105,14 +111,6 @@ class _EnvelopeRequestHandler(web.RequestHandler):
         response = error_response(error_for_status(status))
         response.force_close()
         return response
-
-
-def _encode_head(rendered: RenderedError) -> bytes:
-    """A closing response's head, written straight to a connection aiohttp is not answering."""
-    lines = [f"HTTP/1.1 {rendered.status} {HTTPStatus(rendered.status).phrase}"]
-    lines.extend(f"{name}: {value}" for name, value in rendered.headers.items())
-    lines.append(f"Content-Length: {len(rendered.body)}\r\nConnection: close\r\n\r\n")
-    return "\r\n".join(lines).encode("latin-1")
 
 
 class _GatewayServer(web.Server):
