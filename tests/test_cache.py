@@ -221,6 +221,46 @@ async def test_values_notifications_may_have_missed_are_read_again_first() -> No
     assert facts.cached("k") == "v1"
 
 
+async def test_a_load_across_revalidate_all_is_kept_for_an_outage_but_not_trusted() -> None:
+    """The listener connecting while a first load runs (revalidate_all): that read may
+    predate a missed change, so it is read again before it judges anyone, but it is what
+    an outage right after serves, not a 503 for a key that was just answered."""
+    loader = CountingLoader({"k": "v1"})
+    keys: Lookup[str, str] = Lookup(
+        loader, ttl_seconds=60, stale_seconds=60, stale_on=(ConnectionError,)
+    )
+    gate = loader.hold()
+    first = asyncio.create_task(keys.get("k"))
+    await started_load(loader)
+    keys.revalidate_all()
+    gate.set()
+    assert await first == "v1"
+
+    assert keys.cached("k") is MISSING  # not trusted: read again first
+    loader.error = ConnectionError("down")
+    assert await keys.get("k") == "v1"  # the database is down: the last known value
+    assert loader.calls == ["k", "k"]
+
+
+async def test_an_eviction_during_a_load_across_revalidate_all_keeps_nothing() -> None:
+    """A key revoked while its load runs is never served again, not even in an outage."""
+    loader = CountingLoader({"k": "v1"})
+    keys: Lookup[str, str] = Lookup(
+        loader, ttl_seconds=60, stale_seconds=60, stale_on=(ConnectionError,)
+    )
+    gate = loader.hold()
+    first = asyncio.create_task(keys.get("k"))
+    await started_load(loader)
+    keys.revalidate_all()
+    keys.evict("k")
+    gate.set()
+    assert await first == "v1"
+
+    loader.error = ConnectionError("down")
+    with pytest.raises(ConnectionError):
+        await keys.get("k")
+
+
 async def test_a_changed_value_is_read_again_before_it_is_used() -> None:
     """After `mark_changed`, even billing facts (served while refreshing otherwise) are
     read again and the caller waits for the new value: no request sees the old one."""

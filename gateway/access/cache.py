@@ -85,6 +85,10 @@ class Lookup(Generic[K, V]):
         # started before the change may have read the old row, so when it finishes it
         # hands its answer to its waiters but does not keep it.
         self._inflight: dict[K, asyncio.Future[V | None]] = {}
+        # Loads that were in flight when everything was distrusted (`revalidate_all`):
+        # later callers do not join them, but what they read is kept, untrusted, for an
+        # outage, unless an eviction names their key meanwhile.
+        self._distrusted: dict[K, asyncio.Future[V | None]] = {}
         # Entries read before this instant must be read again before they are trusted.
         self._confirmed_after = float("-inf")
 
@@ -146,7 +150,8 @@ class Lookup(Generic[K, V]):
         return pending
 
     async def _load_and_store(self, key: K) -> V | None:
-        current = False
+        started = time.monotonic()
+        current = distrusted = False
         try:
             value = await self._load(key)
         except self._stale_on:
@@ -157,12 +162,23 @@ class Lookup(Generic[K, V]):
             return entry.value
         finally:
             # Still the key's registered load: nothing evicted the key meanwhile.
-            current = self._inflight.get(key) is asyncio.current_task()
+            me = asyncio.current_task()
+            current = self._inflight.get(key) is me
             if current:
                 del self._inflight[key]
+            distrusted = self._distrusted.get(key) is me
+            if distrusted:
+                del self._distrusted[key]
         if current:
             self._store(key, value)
+        elif distrusted and value is not None and self._older_than(key, started):
+            # Stamped with its start, before `_confirmed_after`: read again before use.
+            self._found[key] = _Entry(value, started)
         return value
+
+    def _older_than(self, key: K, instant: float) -> bool:
+        entry = self._found.get(key)
+        return entry is None or entry.loaded_at < instant
 
     def _store(self, key: K, value: V | None) -> None:
         if value is None:
@@ -177,12 +193,12 @@ class Lookup(Generic[K, V]):
         self._found.pop(key, None)
         self._absent.pop(key, None)
         # Later callers must not join a load that may have read the old row.
-        self._inflight.pop(key, None)
+        self._forget_loads(key)
 
     def invalidate(self, key: K) -> None:
         """`key` is out of date in a way that may be served while it is read again (with
         `revalidate_in_background`): the balance after a charge batch."""
-        self._inflight.pop(key, None)
+        self._forget_loads(key)
         self._absent.pop(key, None)
         entry = self._found.get(key)
         if entry is not None:
@@ -191,7 +207,7 @@ class Lookup(Generic[K, V]):
     def mark_changed(self, key: K) -> None:
         """`key` changed: the next caller reads it again and waits for the answer; the old
         value is kept only for an outage (stale-if-error), never to judge a request."""
-        self._inflight.pop(key, None)
+        self._forget_loads(key)
         self._absent.pop(key, None)
         entry = self._found.get(key)
         if entry is not None:
@@ -199,13 +215,13 @@ class Lookup(Generic[K, V]):
 
     def evict_where(self, predicate: Callable[[K, V], bool]) -> None:
         """Forget every found entry for which `predicate(key, value)` holds."""
-        self._inflight.clear()
+        self._forget_all_loads()
         for key in [k for k, e in list(self._found.items()) if predicate(k, e.value)]:
             self._found.pop(key, None)
 
     def forget_absent(self) -> None:
         """Forget every "does not exist" entry (something was just created)."""
-        self._inflight.clear()
+        self._forget_all_loads()
         self._absent.clear()
 
     def revalidate_all(self) -> None:
@@ -214,6 +230,7 @@ class Lookup(Generic[K, V]):
         Used when change notifications may have been missed: an outage then serves the
         last known values (stale-if-error) instead of failing every request.
         """
+        self._distrusted.update(self._inflight)
         self._inflight.clear()
         self._absent.clear()
         self._confirmed_after = time.monotonic()
@@ -222,7 +239,16 @@ class Lookup(Generic[K, V]):
         """Forget everything."""
         self._found.clear()
         self._absent.clear()
+        self._forget_all_loads()
+
+    def _forget_loads(self, key: K) -> None:
+        """What the loads in flight for `key` read is neither joined nor kept."""
+        self._inflight.pop(key, None)
+        self._distrusted.pop(key, None)
+
+    def _forget_all_loads(self) -> None:
         self._inflight.clear()
+        self._distrusted.clear()
 
     def __len__(self) -> int:
         return len(self._found) + len(self._absent)
