@@ -15,6 +15,7 @@ from functools import partial
 from aiohttp import web
 
 from gateway.access import queries
+from gateway.access.admission import POLICY, Policy
 from gateway.access.cache import CACHE, FactsCache
 from gateway.access.listener import LISTENER, ChangeListener
 from gateway.access.queries import ApiKey
@@ -42,6 +43,7 @@ def create_app(config: Config) -> web.Application:
         raise ValueError("create_app needs config.database_url; start the database first")
     app = web.Application(middlewares=[gateway_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
+    app[POLICY] = Policy.from_config(config)
     app[IN_FLIGHT] = set()
     app[TALLY] = Tally()
     app[QUERIES] = QueryLimiter(config.database_max_pending_queries)

@@ -25,6 +25,7 @@ from gateway.access.auth import Caller
 from gateway.common.context import RequestContext
 from gateway.ledger.writer import Charge
 from gateway.proxy import metering
+from gateway.proxy.charging import Charger
 from gateway.proxy.metering import (
     MAX_LINE_BYTES,
     JsonUsageReader,
@@ -33,7 +34,6 @@ from gateway.proxy.metering import (
     Usage,
     requested_model,
 )
-from gateway.proxy.route import _Charger
 from gateway.proxy.usage_json import usd_to_microdollars
 
 MODEL = "openai/gpt-4o-mini"
@@ -363,7 +363,7 @@ JSON_VALUES = st.recursive(
 )
 
 
-@settings(max_examples=400, derandomize=True, database=None)
+@settings(max_examples=400, derandomize=True, database=None, deadline=None)
 @given(
     st.dictionaries(st.sampled_from(["id", "model", "choices", "x", "usage"]), JSON_VALUES),
     st.one_of(
@@ -428,7 +428,7 @@ def members(pairs: list[tuple[str, Any]]) -> str:
     return "{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs) + "}"
 
 
-@settings(max_examples=600, derandomize=True, database=None)
+@settings(max_examples=600, derandomize=True, database=None, deadline=None)
 @given(
     head=st.tuples(PLAIN_TEXT, PLAIN_TEXT, PLAIN_TEXT | st.text(max_size=4)),
     middle=st.lists(st.tuples(TOP_KEYS, SMALL_VALUES), max_size=2),
@@ -806,7 +806,7 @@ def exact_microdollars(cost: float) -> int:
     return int((Decimal(repr(cost)) * 1_000_000).to_integral_value(rounding=ROUND_HALF_UP))
 
 
-@settings(max_examples=2000, derandomize=True, database=None)
+@settings(max_examples=2000, derandomize=True, database=None, deadline=None)
 @given(
     st.floats(min_value=0, max_value=2e4, allow_nan=False)
     | st.integers(0, 10**13).map(lambda n: n / 10**7)  # many exact halves of a microdollar
@@ -933,7 +933,7 @@ def charge_of(meter: Meter, *, status: int = 200, cancelled: bool = False) -> Ch
     recorded: list[Charge] = []
     ledger: Any = types.SimpleNamespace(record=recorded.append)
     caller = Caller(user_id="user", organization_id="org", role="member")
-    charge = _Charger(ledger, RequestContext("req_1", "proxy"), caller, meter)
+    charge = Charger(ledger, RequestContext("req_1", "proxy"), caller, meter)
     charge(status, cancelled=cancelled)
     charge(status, cancelled=cancelled)  # once, however the request ends
     (only,) = recorded

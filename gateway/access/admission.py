@@ -1,22 +1,19 @@
-"""Whether a request may go upstream: membership, the entitlement rule, and credits.
+"""Whether an identified caller's request may go upstream: the rule, credits, the mode.
 
-Authentication happens first, in the proxy; this module takes the authenticated key,
-finds the caller's organization and role, fetches the organization's facts (cached)
-and applies the rule in the configured enforcement mode.
+`admit` is pure: the caller (`auth.identify`), the organization's facts and the instant
+in, an `Admission` out, or the 402 that refuses the request in enforce mode. The proxy
+fetches the facts, asks again with the model when only the model can settle the credit
+check, and records the verdict (`record_verdict`, `record_refusal`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
-from collections.abc import Awaitable, Callable
 
-from multidict import CIMultiDictProxy
+from aiohttp import web
 
-from gateway.access.auth import Caller, authorize
+from gateway.access.auth import Caller
 from gateway.access.cache import FactsCache
-from gateway.access.queries import ApiKey
 from gateway.access.refusals import check, needs_model
 from gateway.access.rule import OrgFacts
 from gateway.common.context import RequestContext
@@ -28,68 +25,98 @@ from gateway.platform import metrics
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+class _Unread:
+    """The body has not been read for the model it names (see `admit`)."""
+
+    def __repr__(self) -> str:
+        return "UNREAD"
+
+
+UNREAD = _Unread()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Policy:
+    """The settings the rule is applied with."""
+
+    trial_days: int
+    mode: EnforcementMode
+    app_url: str
+
+    @classmethod
+    def from_config(cls, config: Config) -> Policy:
+        return cls(config.trial_days, config.enforcement_mode, config.app_url)
+
+
+POLICY = web.AppKey("policy", Policy)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Admission:
-    """A request let through: for whom, and the reason shadow mode would have refused it."""
+    """A request let through: for whom, and the reason shadow mode would have refused it.
 
-    caller: Caller | None
-    would_block: str | None = None
-
-
-async def admit(
-    *,
-    method: str,
-    headers: CIMultiDictProxy[str],
-    key: ApiKey,
-    cache: FactsCache,
-    config: Config,
-    ctx: RequestContext,
-    unwritten_microdollars: Callable[[str], int],
-    requested_model: Callable[[], Awaitable[str | None]] | None,
-) -> Admission:
-    """Let the request through, or raise the 400/403/402 that refuses it.
-
-    `requested_model` (metered requests) reads the body for the model it names; it is
-    awaited only when the rule lets the organization through and its credits are used
-    up, so that every other verdict is given before the body is read.
+    `needs_model` says the verdict is not settled yet: the credits are used up, and only
+    the model the body names (free or not) decides; ask again with it.
     """
-    if method in READ_METHODS:
-        return Admission(None)
-    caller = await authorize(headers, key, cache)
-    ctx.organization_id = caller.organization_id
-    if config.enforcement_mode is EnforcementMode.OFF:
+
+    caller: Caller
+    would_block: str | None = None
+    needs_model: bool = False
+
+
+def admit(
+    caller: Caller,
+    facts: OrgFacts,
+    now: float,
+    policy: Policy,
+    *,
+    unwritten_microdollars: int = 0,
+    model: str | _Unread | None = UNREAD,
+) -> Admission:
+    """Let the caller through now, or raise the 402 that refuses them (enforce mode).
+
+    The balance is the database's less `unwritten_microdollars` (charged by this process,
+    not written yet). With `model` left `UNREAD` a used-up balance gives an Admission that
+    `needs_model` instead of a verdict, so that every other verdict is given before the
+    body is read.
+    """
+    if policy.mode is EnforcementMode.OFF:
         return Admission(caller)
-    facts = await organization_facts(cache, caller.organization_id)
-    unwritten = unwritten_microdollars(caller.organization_id)
-    judge = functools.partial(
-        check,
+    requested_model = None
+    if not isinstance(model, _Unread):
+        named = model
+        requested_model = lambda: named  # noqa: E731 (check asks only when it must)
+    outcome = check(
         facts,
-        time.time(),
-        trial_days=config.trial_days,
-        mode=config.enforcement_mode,
-        app_url=config.app_url,
-        unwritten_microdollars=unwritten,
+        now,
+        trial_days=policy.trial_days,
+        mode=policy.mode,
+        app_url=policy.app_url,
+        unwritten_microdollars=unwritten_microdollars,
+        requested_model=requested_model,
     )
-    try:
-        outcome = judge()
-        if (
-            requested_model is not None
-            and outcome.would_block is None
-            and needs_model(facts, unwritten)
-        ):
-            model = await requested_model()
-            outcome = judge(requested_model=lambda: model)
-    except PaymentRequired as exc:
-        ctx.verdict = "blocked"
-        metrics.BLOCKED.labels(exc.reason, EnforcementMode.ENFORCE.value).inc()
-        raise
     if outcome.would_block is None:
-        ctx.verdict = "allowed"
+        if requested_model is None and needs_model(facts, unwritten_microdollars):
+            return Admission(caller, needs_model=True)
         return Admission(caller)
-    reason = outcome.would_block.value
-    ctx.verdict, ctx.reason = "would_block", reason
-    metrics.BLOCKED.labels(reason, config.enforcement_mode.value).inc()
-    return Admission(caller, reason)
+    return Admission(caller, outcome.would_block.value)
+
+
+def record_verdict(ctx: RequestContext, admission: Admission, mode: EnforcementMode) -> None:
+    """Put a let-through request's verdict in its log line and the blocked counter."""
+    if mode is EnforcementMode.OFF:
+        return
+    if admission.would_block is None:
+        ctx.verdict = "allowed"
+        return
+    ctx.verdict, ctx.reason = "would_block", admission.would_block
+    metrics.BLOCKED.labels(admission.would_block, mode.value).inc()
+
+
+def record_refusal(ctx: RequestContext, refusal: PaymentRequired) -> None:
+    """Put a refused request's verdict in its log line and the blocked counter."""
+    ctx.verdict = "blocked"
+    metrics.BLOCKED.labels(refusal.reason, EnforcementMode.ENFORCE.value).inc()
 
 
 async def organization_facts(cache: FactsCache, organization_id: str) -> OrgFacts:

@@ -14,6 +14,7 @@ from multidict import CIMultiDictProxy
 
 from gateway.access.cache import FactsCache
 from gateway.access.queries import ApiKey
+from gateway.common.context import RequestContext
 from gateway.errors import BadRequest, Forbidden, InvalidApiKey, Reason
 
 ORGANIZATION_HEADER = "X-KiloCode-OrganizationId"
@@ -117,11 +118,17 @@ async def resolve_organization(
     raise BadRequest(message, reason=Reason.ORGANIZATION_REQUIRED)
 
 
-async def authorize(headers: CIMultiDictProxy[str], key: ApiKey, cache: FactsCache) -> Caller:
-    """The caller as a member of the request's organization, or 400/403."""
+async def identify(
+    headers: CIMultiDictProxy[str], cache: FactsCache, ctx: RequestContext
+) -> Caller:
+    """Who calls for which organization, as a member who may use its models: key, then
+    organization, then role, each recorded in the request's context as soon as known
+    (the log line names them even when the next step refuses); 401/400/403 otherwise."""
+    key = await authenticate(headers, cache)
+    ctx.user_id = key.user_id
     organization_id = await resolve_organization(headers, key, cache)
-    role_key = (organization_id, key.user_id)
-    role = await cache.roles.get(role_key)
+    ctx.organization_id = organization_id
+    role = await cache.roles.get((organization_id, key.user_id))
     if role is None or role == BILLING_MANAGER:
         # Billing managers pay for an organization; they do not use its models.
         raise Forbidden("You are not a member of this organization.", reason=Reason.NOT_A_MEMBER)

@@ -49,7 +49,7 @@ class Sink(Protocol):
 
 
 class Charger(Protocol):
-    """The request's one charge (`route._Charger`), recorded however the request ends."""
+    """The request's one charge (`charging.Charger`), recorded however the request ends."""
 
     @property
     def meter(self) -> Meter:

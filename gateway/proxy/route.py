@@ -22,15 +22,24 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.access.admission import READ_METHODS, admit
-from gateway.access.auth import Caller, authenticate
+from gateway.access.admission import (
+    POLICY,
+    READ_METHODS,
+    Admission,
+    admit,
+    organization_facts,
+    record_refusal,
+    record_verdict,
+)
+from gateway.access.auth import Caller, authenticate, identify
 from gateway.access.cache import CACHE
 from gateway.common.context import CLIENT_CLOSED_REQUEST, CONTEXT, RequestContext
-from gateway.config import CONFIG
+from gateway.config import CONFIG, EnforcementMode
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
     NotFound,
+    PaymentRequired,
     Reason,
     RequestTimeout,
     UpstreamPaymentRequired,
@@ -38,9 +47,10 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from gateway.ledger.writer import LEDGER, Charge, UsageLedger
+from gateway.ledger.writer import LEDGER
 from gateway.platform.aiohttp_internals import defer_headers_to_first_write
 from gateway.platform.metrics import TALLY
+from gateway.proxy.charging import Charger, RequestBody
 from gateway.proxy.forwarding import (
     REQUEST_ID_HEADER,
     allow_header,
@@ -52,7 +62,6 @@ from gateway.proxy.forwarding import (
     upstream_target,
 )
 from gateway.proxy.listings import LISTINGS, MODELS_PATH, listing_headers
-from gateway.proxy.metering import Meter
 from gateway.proxy.relay import Sink, relay
 from gateway.proxy.upstream import (
     UPSTREAM,
@@ -132,29 +141,20 @@ async def proxy(
             f" {' or '.join(sorted(methods))}.",
             headers={"Allow": allow_header(methods)},
         )
-    key = await authenticate(request.headers, app[CACHE])
-    ctx.user_id = key.user_id
-    if request.method == "GET" and tail == MODELS_PATH:
-        await send_model_list(app, request, ctx, sink)
+    if request.method in READ_METHODS:
+        await forward_read(app, request, ctx, tail, sink)
         return
-    body = _Body(request.read_body)
-    metered = request.method == "POST" and tail in config.metered_paths
-    admission = await admit(
-        method=request.method,
-        headers=request.headers,
-        key=key,
-        cache=app[CACHE],
-        config=config,
-        ctx=ctx,
-        unwritten_microdollars=app[LEDGER].unwritten_microdollars,
-        requested_model=body.model if metered else None,
-    )
+    # Past the allow-list every other method is a POST.
+    caller = await identify(request.headers, app[CACHE], ctx)
+    body = RequestBody(request.read_body)
+    metered = tail in config.metered_paths
+    admission = await judge(app, ctx, caller, body if metered else None)
     content = await body.read()
-    if not metered or admission.caller is None:
+    if not metered:
         upstream = await send_upstream(app, request, ctx, tail, content)
         await relay(sink, upstream, ctx, admission.would_block, app[TALLY])
         return
-    charge = _Charger(app[LEDGER], ctx, admission.caller, await body.meter())
+    charge = Charger(app[LEDGER], ctx, caller, await body.meter())
     try:
         upstream = await send_upstream(app, request, ctx, tail, content)
     except GatewayError as exc:
@@ -166,29 +166,45 @@ async def proxy(
     await relay(sink, upstream, ctx, admission.would_block, app[TALLY], charge)
 
 
-class _Body:
-    """The request body, read once, when first wanted."""
+async def forward_read(
+    app: web.Application, request: ProxyRequest, ctx: RequestContext, tail: str, sink: Sink
+) -> None:
+    """A listing: any valid key may read it, whatever its organization's standing."""
+    key = await authenticate(request.headers, app[CACHE])
+    ctx.user_id = key.user_id
+    if request.method == "GET" and tail == MODELS_PATH:
+        await send_model_list(app, request, ctx, sink)
+        return
+    upstream = await send_upstream(app, request, ctx, tail, await request.read_body())
+    await relay(sink, upstream, ctx, None, app[TALLY])
 
-    __slots__ = ("_content", "_meter", "_read")
 
-    def __init__(self, read: Callable[[], Awaitable[bytes]]) -> None:
-        self._read = read
-        self._content: bytes | None = None
-        self._meter: Meter | None = None
+async def judge(
+    app: web.Application, ctx: RequestContext, caller: Caller, body: RequestBody | None
+) -> Admission:
+    """The rule on the caller's organization now, or the 402 that refuses it.
 
-    async def read(self) -> bytes:
-        if self._content is None:
-            self._content = await self._read()
-        return self._content
-
-    async def meter(self) -> Meter:
-        if self._meter is None:
-            self._meter = Meter(await self.read())
-        return self._meter
-
-    async def model(self) -> str | None:
-        """The model the body asks for (the credit check's question)."""
-        return (await self.meter()).model()
+    `body` (metered requests) is read for the model it names only when the credits are
+    used up, so that every other verdict is given before the body is read.
+    """
+    policy = app[POLICY]
+    if policy.mode is EnforcementMode.OFF:
+        return Admission(caller)
+    facts = await organization_facts(app[CACHE], caller.organization_id)
+    unwritten = app[LEDGER].unwritten_microdollars(caller.organization_id)
+    now = time.time()
+    try:
+        admission = admit(caller, facts, now, policy, unwritten_microdollars=unwritten)
+        if admission.needs_model and body is not None:
+            model = await body.model()
+            admission = admit(
+                caller, facts, now, policy, unwritten_microdollars=unwritten, model=model
+            )
+    except PaymentRequired as refusal:
+        record_refusal(ctx, refusal)
+        raise
+    record_verdict(ctx, admission, policy.mode)
+    return admission
 
 
 def upstream_error(exc: UpstreamFailed | UpstreamBroke) -> GatewayError:
@@ -226,43 +242,6 @@ async def send_model_list(
     await sink.start(listing.status, listing.reason, headers, len(listing.body))
     await sink.write(listing.body)
     await sink.end()
-
-
-class _Charger:
-    """Records the request's one charge, however the request ends."""
-
-    __slots__ = ("_caller", "_ctx", "_ledger", "_meter", "done")
-
-    def __init__(
-        self, ledger: UsageLedger, ctx: RequestContext, caller: Caller, meter: Meter
-    ) -> None:
-        self._ledger, self._ctx, self._caller, self._meter = ledger, ctx, caller, meter
-        self.done = False
-
-    @property
-    def meter(self) -> Meter:
-        return self._meter
-
-    def __call__(self, status: int, *, cancelled: bool) -> None:
-        if self.done:
-            return
-        self.done = True
-        usage = self._meter.usage()
-        # Positional: this runs once per metered request.
-        self._ledger.record(
-            Charge.make(
-                self._ctx.request_id,
-                self._caller.organization_id,
-                self._caller.user_id,
-                usage.model,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.cost_microdollars,
-                self._meter.streamed,
-                status,
-                cancelled,
-            )
-        )
 
 
 async def send_upstream(
