@@ -1,4 +1,4 @@
-"""The figures issues 5 and 3 set for the gateway, checked against this run's results.
+"""The figures issues 5, 3 and 14 set for the gateway, checked against this run's results.
 
 Each goal is computed only from figures the run has; a goal the run cannot judge (no
 LiteLLM, a single worker, no memory test) says so instead of passing.
@@ -104,10 +104,10 @@ def _stream_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _metering_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """What metering costs (issue 3): the gateway against itself with metering off, in
-    every cell both ran above concurrency 1. Throughput tells where the gateway's CPU is
-    the limit (small); CPU per request (the gateway's and PostgreSQL's) tells it where the
-    upstream's pace is (stream, mix)."""
+    """What metering costs (issues 3 and 14): the gateway against itself with metering
+    off, in every cell both ran above concurrency 1. Issue 14's goal is at most 10% of
+    throughput; CPU per request (the gateway's and PostgreSQL's) is shown beside it, as it
+    tells the cost where the upstream's pace is the limit (stream, mix)."""
     goals = []
     for cell in doc["cells"]:
         if cell["target"] != "gateway" or cell["concurrency"] == 1:
@@ -120,9 +120,9 @@ def _metering_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
         cpu = _cpu_per_request(cell) / _cpu_per_request(unmetered) - 1
         goals.append(
             _goal(
-                f"metering costs <= 5% ({scenario}, c={c})",
+                f"metering costs <= 10% of throughput ({scenario}, c={c})",
                 f"{throughput:.1%} of throughput, {cpu:+.1%} CPU a request",
-                throughput <= 0.05 and cpu <= 0.05,
+                throughput <= 0.10,
             )
         )
     return goals

@@ -269,7 +269,7 @@ def goals_table(doc: dict[str, Any]) -> str:
     """Issue 5's goals and the figures reached."""
     marks = {True: "met", False: "NOT MET", None: "n/a"}
     rows = [[g["goal"], g["figure"], marks[g["met"]]] for g in doc["goals"]]
-    return "goals of issues 5 and 3 (gateway)\n" + render(["goal", "reached", ""], rows)
+    return "goals of issues 5, 3 and 14 (gateway)\n" + render(["goal", "reached", ""], rows)
 
 
 def full_report(doc: dict[str, Any]) -> str:
