@@ -21,7 +21,15 @@ from gateway.access.listener import LISTENER, ChangeListener
 from gateway.access.queries import ApiKey
 from gateway.access.rule import OrgFacts
 from gateway.accounts import checkout as billing
-from gateway.accounts import invitations, mailer, organizations, profile, reminders, webhooks
+from gateway.accounts import (
+    invitations,
+    mailer,
+    organizations,
+    pending_invitations,
+    profile,
+    reminders,
+    webhooks,
+)
 from gateway.accounts.reports import usage_report_handler
 from gateway.common.context import IN_FLIGHT
 from gateway.config import CONFIG, Config
@@ -71,7 +79,8 @@ def create_app(config: Config) -> web.Application:
     # What the Kilo clients ask besides the proxy, and the billing side: each module
     # registers its own routes, resources and background tasks.
     clients = (listings, profile)
-    for module in (*clients, organizations, invitations, billing, webhooks, mailer, reminders):
+    accounts = (organizations, invitations, pending_invitations, billing, webhooks)
+    for module in (*clients, *accounts, mailer, reminders):
         module.setup(app)
     return app
 

@@ -14,7 +14,8 @@
     │                                 member_not_found
     ├── MethodNotAllowed (405)        method_not_allowed
     ├── RequestTimeout (408)          request_timeout
-    ├── Conflict (409)                seats_exhausted, last_owner, already_a_member
+    ├── Conflict (409)                seats_exhausted, last_owner, already_a_member,
+    │                                 subscription_exists
     ├── Gone (410)                    invitation_expired
     ├── PayloadTooLarge (413)         payload_too_large
     ├── InternalError (500)           internal_error
@@ -89,6 +90,7 @@ class Reason(StrEnum):
     SEATS_EXHAUSTED = "seats_exhausted"
     LAST_OWNER = "last_owner"
     ALREADY_A_MEMBER = "already_a_member"
+    SUBSCRIPTION_EXISTS = "subscription_exists"
     INVITATION_EXPIRED = "invitation_expired"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     # 5xx

@@ -1,17 +1,24 @@
 """A real aiohttp server that speaks enough of Stripe's REST API for the gateway's tests.
 
 The real `stripe` library talks to it (`STRIPE_API_BASE` points here): form-encoded
-POSTs to create customers, Checkout Sessions, products and prices; GETs to list prices
-by lookup key, list products and retrieve subscriptions. Like Stripe it replays the
-first answer to a repeated `Idempotency-Key` and refuses the key when the parameters
-differ. Every request is recorded with its decoded parameters and headers.
+POSTs to create customers, Checkout Sessions, products and prices and to update
+subscriptions; GETs to list prices by lookup key, list products and retrieve
+subscriptions. Like Stripe it refuses a parameter the endpoint does not take (400
+`invalid_request_error`, "Received unknown parameter: X"; what each endpoint takes comes
+from the library's own request types, `tests/stripe_params.py`) and a Checkout trial that
+ends within 48 hours, replays the first answer to a repeated `Idempotency-Key` and
+refuses the key when the parameters differ. Every request is recorded with its decoded
+parameters and headers, the `Stripe-Version` included.
 
 Also here: builders for the Stripe-shaped subscription and event objects the webhook
-tests sign and deliver.
+tests sign and deliver, and what Stripe does behind its API: a Checkout completed
+(`complete_checkout`: the subscription it creates, trialing until the session's
+`trial_end`) and a subscription changed (`update_subscription`), each with its event.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -23,8 +30,11 @@ from typing import Any
 from aiohttp import web
 
 from gateway.plans import Catalog
+from tests.stripe_params import refusal
 
 API_VERSION = "2026-10-28.endive"
+# Stripe's floor for a Checkout Session's subscription_data.trial_end.
+MIN_TRIAL_SECONDS = 48 * 3600
 # The secrets a test gateway is configured with; the fake accepts any `sk_` key.
 SECRET_KEY = "sk_test_gateway_0123456789abcdefSECRET"
 WEBHOOK_SECRET = "whsec_test_0123456789abcdef"
@@ -68,6 +78,7 @@ class RecordedRequest:
     params: dict[str, Any]
     idempotency_key: str | None
     authorization: str | None
+    stripe_version: str | None = None
 
 
 @dataclasses.dataclass
@@ -79,6 +90,8 @@ class FakeStripe:
     prices: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     sessions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     subscriptions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # A session's line items, which Stripe keeps but does not return with the session.
+    line_items: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     requests: list[RecordedRequest] = dataclasses.field(default_factory=list)
     # (status, Stripe error object) answered to the next requests, in order.
     failures: list[tuple[int, dict[str, Any]]] = dataclasses.field(default_factory=list)
@@ -97,6 +110,46 @@ class FakeStripe:
     def add_subscription(self, subscription: dict[str, Any]) -> None:
         """Make a subscription retrievable by its id."""
         self.subscriptions[subscription["id"]] = subscription
+
+    def update_subscription(
+        self, subscription_id: str, *, quantity: int | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """Change a subscription as Stripe would (its seat item's quantity, any top-level
+        field); returns a copy of it as it is now, for an event."""
+        subscription = self.subscriptions[subscription_id]
+        item = subscription["items"]["data"][0]
+        if quantity is not None:
+            item["quantity"] = quantity
+        subscription.update(fields)
+        if "cancel_at_period_end" in fields:
+            cancelling = bool(fields["cancel_at_period_end"])
+            subscription["cancel_at"] = item["current_period_end"] if cancelling else None
+        return copy.deepcopy(subscription)
+
+    def complete_checkout(self, session_id: str, *, now: float | None = None) -> dict[str, Any]:
+        """Pay a subscription session as the customer would: the subscription it creates
+        (trialing until the session's trial_end, if any) is stored; returns a copy of it."""
+        session = self.sessions[session_id]
+        data = session.get("subscription_data") or {}
+        trial_end = int(data["trial_end"]) if data.get("trial_end") else None
+        (line,) = self.line_items[session_id]
+        price = self.prices[line["price"]]
+        subscription = subscription_object(
+            organization_id=None,
+            customer=session["customer"],
+            status="active" if trial_end is None else "trialing",
+            quantity=int(line["quantity"]),
+            interval=price["recurring"]["interval"],
+            period_start=now,
+            period_end=trial_end,
+            price=price,
+        )
+        subscription["metadata"] = dict(data.get("metadata") or {})
+        subscription["trial_end"] = trial_end
+        paid = "paid" if trial_end is None else "no_payment_required"
+        session.update(status="complete", payment_status=paid, subscription=subscription["id"])
+        self.add_subscription(subscription)
+        return copy.deepcopy(subscription)
 
     def add_price(self, **fields: Any) -> dict[str, Any]:
         """Store a price as `stripe-setup` would have created it; returns it."""
@@ -126,9 +179,15 @@ async def stripe_middleware(request: web.Request, handler: Any) -> web.StreamRes
     form = await request.post() if request.method == "POST" else request.query
     params = decode_form((k, str(v)) for k, v in form.items())
     key = request.headers.get("Idempotency-Key")
+    headers = request.headers
     fake.requests.append(
         RecordedRequest(
-            request.method, request.path, params, key, request.headers.get("Authorization")
+            request.method,
+            request.path,
+            params,
+            key,
+            headers.get("Authorization"),
+            headers.get("Stripe-Version"),
         )
     )
     request[PARAMS] = params
@@ -136,6 +195,10 @@ async def stripe_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return error_response(*fake.failures.pop(0))
     if not (request.headers.get("Authorization") or "").startswith("Bearer sk_"):
         return error_response(401, {"type": "invalid_request_error", "message": "No API key."})
+    route = getattr(request.match_info.route.resource, "canonical", "")
+    unknown = refusal(request.method, route, params)
+    if unknown is not None:
+        return error_response(400, {"type": "invalid_request_error", "message": unknown})
     if request.method != "POST" or key is None:
         return await handler(request)
     return await _idempotent(fake, request, handler, key, params)
@@ -176,6 +239,10 @@ async def create_customer(request: web.Request) -> web.Response:
 
 async def create_session(request: web.Request) -> web.Response:
     params = request[PARAMS]
+    trial_end = (params.get("subscription_data") or {}).get("trial_end")
+    if trial_end is not None and int(trial_end) < _now() + MIN_TRIAL_SECONDS:
+        message = "subscription_data.trial_end must be at least 48 hours in the future."
+        return error_response(400, {"type": "invalid_request_error", "message": message})
     session_id = new_id("cs")
     session = {
         "id": session_id,
@@ -188,6 +255,7 @@ async def create_session(request: web.Request) -> web.Response:
         **{k: v for k, v in params.items() if k not in ("line_items",)},
     }
     request.app[FAKE].sessions[session_id] = session
+    request.app[FAKE].line_items[session_id] = list(params.get("line_items") or [])
     return web.json_response(session)
 
 
@@ -253,6 +321,24 @@ async def retrieve_subscription(request: web.Request) -> web.Response:
     return web.json_response(subscription)
 
 
+async def update_subscription(request: web.Request) -> web.Response:
+    """Stripe's subscription update: item quantities, cancelling at period end, metadata."""
+    fake, params = request.app[FAKE], request[PARAMS]
+    subscription = fake.subscriptions.get(request.match_info["subscription_id"])
+    if subscription is None:
+        return await retrieve_subscription(request)
+    for change in params.get("items") or []:
+        for item in subscription["items"]["data"]:
+            if item["id"] == change.get("id") and "quantity" in change:
+                item["quantity"] = int(change["quantity"])
+    fields: dict[str, Any] = {}
+    if "cancel_at_period_end" in params:
+        fields["cancel_at_period_end"] = params["cancel_at_period_end"] == "true"
+    if "metadata" in params:
+        fields["metadata"] = {**subscription["metadata"], **params["metadata"]}
+    return web.json_response(fake.update_subscription(subscription["id"], **fields))
+
+
 def create_fake_stripe_app(fake: FakeStripe | None = None) -> web.Application:
     """The fake Stripe API as an aiohttp application."""
     app = web.Application(middlewares=[stripe_middleware])
@@ -264,6 +350,7 @@ def create_fake_stripe_app(fake: FakeStripe | None = None) -> web.Application:
     app.router.add_post("/v1/prices", create_price)
     app.router.add_get("/v1/prices", list_prices)
     app.router.add_get("/v1/subscriptions/{subscription_id}", retrieve_subscription)
+    app.router.add_post("/v1/subscriptions/{subscription_id}", update_subscription)
     return app
 
 
@@ -325,10 +412,15 @@ def subscription_object(
     period_start: float | None = None,
     period_end: float | None = None,
     cancel_at_period_end: bool = False,
-    lookup_key: str = "kilo_teams_seat_yearly",
+    lookup_key: str | None = "kilo_teams_seat_yearly",
     subscription_id: str | None = None,
+    price: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A Stripe subscription as the current API shapes it: the period lives on the item."""
+    """A Stripe subscription as the current API shapes it: the period lives on the item.
+
+    Its price is `price` (one the fake holds), else a new one with `lookup_key`; a
+    lookup key of None is a price of another product, none of ours.
+    """
     start = int(period_start if period_start is not None else time.time() - 60)
     length = 365 * 86_400 if interval == "year" else 30 * 86_400
     end = int(period_end if period_end is not None else start + length)
@@ -340,13 +432,15 @@ def subscription_object(
         "current_period_start": start,
         "current_period_end": end,
         "subscription": sub_id,
-        "price": {
+        "price": copy.deepcopy(price)
+        or {
             "id": new_id("price"),
             "object": "price",
             "lookup_key": lookup_key,
             "unit_amount": 34800,
             "currency": "usd",
             "recurring": {"interval": interval, "interval_count": 1},
+            "metadata": {},
         },
     }
     return {

@@ -1,5 +1,7 @@
-"""Checkout: the parameters Stripe receives, one customer per organization, idempotency,
-who may buy, the seat and amount bounds, and billing without Stripe configured.
+"""Checkout: the parameters Stripe receives, one customer per organization (with the
+owner's email), one live subscription, the trial kept when paying during it, the pinned
+API version, idempotency, who may buy, the seat and amount bounds, and billing without
+Stripe configured.
 
 The gateway talks to `tests/fake_stripe.py` through the real `stripe` library.
 """
@@ -7,6 +9,7 @@ The gateway talks to `tests/fake_stripe.py` through the real `stripe` library.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
@@ -14,12 +17,15 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+import stripe
 
 from gateway.accounts.checkout import store_customer
+from gateway.accounts.stripe_client import STRIPE_API_VERSION
 from gateway.plans import load_catalog
 from tests.conftest import RunningGateway
-from tests.factories import Seed
+from tests.factories import Seed, utcnow
 from tests.fake_stripe import (
+    API_VERSION,
     SECRET_KEY,
     RunningFakeStripe,
     add_catalog_prices,
@@ -123,7 +129,12 @@ async def test_subscription_checkout_sends_session_parameters(
         "plan": "teams",
         "billing_cycle": "yearly",
     }
-    assert params["subscription_data"] == {"metadata": {"organization_id": org_id, "plan": "teams"}}
+    created_at = await db.fetchval("SELECT created_at FROM organizations WHERE id = $1", org_id)
+    trial_ends_at = math.ceil((created_at + timedelta(days=30)).timestamp())
+    assert params["subscription_data"] == {
+        "metadata": {"organization_id": org_id, "plan": "teams"},
+        "trial_end": str(trial_ends_at),
+    }
     assert params["success_url"] == f"{APP_URL}/organizations/{org_id}/billing?checkout=success"
     assert params["cancel_url"] == f"{APP_URL}/organizations/{org_id}/billing?checkout=cancelled"
     assert request.idempotency_key is not None and request.idempotency_key.startswith(
@@ -167,6 +178,7 @@ async def test_one_customer_per_organization_across_checkouts(
     assert status == 200
     (created,) = stripe_server.state.requests_to("POST", "/v1/customers")
     assert created.params["metadata"] == {"organization_id": org_id}
+    assert created.params["name"] == "Acme"
     assert created.idempotency_key == f"customer-{org_id}"
     stored = await db.fetchval("SELECT stripe_customer_id FROM organizations WHERE id = $1", org_id)
     assert {r.params["customer"] for r in session_requests(stripe_server)} == {stored}
@@ -448,3 +460,139 @@ async def test_missing_price_is_503_naming_stripe_setup(
     status, body = await post(client, gateway, subscription_path(org_id), token, {"seats": 1})
     assert (status, body["error_type"]) == (503, "billing_unavailable")
     assert "stripe-setup" in body["error"]["message"]
+
+
+async def test_customer_gets_the_owners_email_whoever_checks_out(
+    billing_gateway: RunningGateway,
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    db: asyncpg.Connection,
+    stripe_server: RunningFakeStripe,
+) -> None:
+    """The Stripe customer carries the owner's email (receipts, Stripe's trial reminders),
+    also when a billing manager starts the first checkout."""
+    org_id, _ = await org_with_owner(seed)
+    owner_email = await db.fetchval(
+        """SELECT u.email FROM organization_memberships m JOIN users u ON u.id = m.user_id
+           WHERE m.organization_id = $1 AND m.role = 'owner'""",
+        org_id,
+    )
+    _, manager = await seed.member_with_key(org_id, "billing_manager")
+    path = subscription_path(org_id)
+    status, _ = await post(client, billing_gateway, path, manager, {"seats": 1})
+    assert status == 200
+    (created,) = stripe_server.state.requests_to("POST", "/v1/customers")
+    assert created.params["email"] == owner_email
+
+
+async def test_every_stripe_request_names_the_pinned_api_version(
+    gateway_factory: Callable[..., Any],
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    stripe_server: RunningFakeStripe,
+    price_ids: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Customer, price lookup and session all say Stripe-Version: the gateway's pinned
+    version, whatever version the installed library would default to."""
+    # What an upgraded library would default to: its module-wide version and the one its
+    # StripeClient takes when given none.
+    monkeypatch.setattr(stripe, "api_version", "2099-01-01.future")
+    monkeypatch.setattr(stripe._api_version._ApiVersion, "CURRENT", "2099-01-01.future")
+    gateway = await gateway_factory(**stripe_env(stripe_server))
+    org_id, token = await org_with_owner(seed)
+    status, _ = await post(client, gateway, subscription_path(org_id), token, {"seats": 1})
+    assert status == 200
+    versions = {r.stripe_version for r in stripe_server.state.requests}
+    assert versions == {STRIPE_API_VERSION} == {API_VERSION}
+
+
+# One live subscription.
+
+
+@pytest.mark.parametrize("purchase_status", ["active", "pending_cancel", "past_due"])
+async def test_second_checkout_is_refused_while_a_subscription_is_live(
+    billing_gateway: RunningGateway,
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    stripe_server: RunningFakeStripe,
+    purchase_status: str,
+) -> None:
+    """While a subscription is active (or trialing), past_due or pending_cancel, another
+    checkout is 409 subscription_exists naming where to change the one there is; Stripe
+    is not asked for a session."""
+    org_id, token = await org_with_owner(seed, age=timedelta(days=40))
+    await seed.purchase(org_id, seat_count=3, status=purchase_status)
+    status, body = await post(
+        client, billing_gateway, subscription_path(org_id), token, {"seats": 4}
+    )
+    assert (status, body["error_type"]) == (409, "subscription_exists")
+    base = f"/api/organizations/{org_id}"
+    message = body["error"]["message"]
+    for endpoint in (
+        f"POST {base}/billing/portal",
+        f"GET {base}/subscription",
+        f"POST {base}/subscription/seats",
+    ):
+        assert endpoint in message
+    metadata = body["error"]["metadata"]
+    assert metadata["subscription"]["status"] == purchase_status
+    assert metadata["subscription"]["seat_count"] == 3
+    assert session_requests(stripe_server) == []
+
+
+@pytest.mark.parametrize(
+    "ended",
+    [
+        pytest.param({"status": "ended"}, id="ended"),
+        pytest.param({"expires_at": utcnow() - timedelta(days=1)}, id="period-over"),
+    ],
+)
+async def test_checkout_is_allowed_once_the_subscription_is_over(
+    billing_gateway: RunningGateway,
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    ended: dict[str, Any],
+) -> None:
+    """An ended or lapsed subscription is no obstacle to subscribing again."""
+    org_id, token = await org_with_owner(seed, age=timedelta(days=400))
+    await seed.purchase(org_id, starts_at=utcnow() - timedelta(days=366), **ended)
+    status, body = await post(
+        client, billing_gateway, subscription_path(org_id), token, {"seats": 1}
+    )
+    assert status == 200, body
+
+
+# Paying during the trial.
+
+
+@pytest.mark.parametrize(
+    ("trial_left", "charged_at_trial_end"),
+    [
+        pytest.param(timedelta(days=20), True, id="day-10-of-30"),
+        pytest.param(timedelta(hours=49), True, id="49-hours-left"),
+        pytest.param(timedelta(hours=47), False, id="47-hours-left"),
+        pytest.param(timedelta(days=-1), False, id="trial-over"),
+    ],
+)
+async def test_paying_during_the_trial_is_charged_when_it_ends(
+    billing_gateway: RunningGateway,
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    stripe_server: RunningFakeStripe,
+    trial_left: timedelta,
+    charged_at_trial_end: bool,
+) -> None:
+    """The subscription's trial ends when the organization's does (trial_end), so no free
+    day is lost; with less than Stripe's 48 hours left, or after the trial, the first
+    charge is at once."""
+    trial_ends_at = utcnow() + trial_left
+    org_id, token = await org_with_owner(seed, free_trial_end_at=trial_ends_at)
+    status, body = await post(
+        client, billing_gateway, subscription_path(org_id), token, {"seats": 1}
+    )
+    assert status == 200, body
+    (request,) = session_requests(stripe_server)
+    sent = request.params["subscription_data"].get("trial_end")
+    expected = str(math.ceil(trial_ends_at.timestamp())) if charged_at_trial_end else None
+    assert sent == expected

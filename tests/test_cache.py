@@ -432,7 +432,6 @@ def facts_for(org: str) -> OrgFacts:
         free_trial_end_at=None,
         require_seats=True,
         seats_used=1,
-        purchase=None,
     )
 
 

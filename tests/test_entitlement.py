@@ -49,6 +49,9 @@ def facts(**overrides: Any) -> OrgFacts:
         "purchase": None,
     }
     values.update(overrides)
+    # `purchase`: the organization's one subscription, the common case.
+    single = values.pop("purchase")
+    values.setdefault("purchases", () if single is None else (single,))
     return OrgFacts(**values)
 
 
@@ -96,6 +99,18 @@ BLOCKED = [
         Reason.SEATS_EXCEEDED,
         0,
         id="seats-exceeded-zero-purchased",
+    ),
+    pytest.param(
+        facts(seats_used=10, purchases=(purchase(seat_count=3), purchase(seat_count=6))),
+        Reason.SEATS_EXCEEDED,
+        9,
+        id="seats-exceeded-two-subscriptions-add-up",
+    ),
+    pytest.param(
+        facts(purchases=(purchase(status="ended", seat_count=4), purchase(status="ended"))),
+        Reason.SUBSCRIPTION_INACTIVE,
+        4,
+        id="two-lapsed-the-newest-shown",
     ),
 ]
 
@@ -272,7 +287,7 @@ class TestMessages:
         of the URL."""
         org = facts(
             seats_used=org.seats_used,
-            purchase=org.purchase,
+            purchases=org.purchases,
             credits_acquired_microdollars=25_000_000,
         )
         message = refusal(org).message
@@ -304,7 +319,7 @@ class TestMessages:
         """With a positive balance, every refusal says how much purchased credit stays locked."""
         org = facts(
             seats_used=org.seats_used,
-            purchase=org.purchase,
+            purchases=org.purchases,
             credits_acquired_microdollars=25_000_000,
             credits_used_microdollars=5_000_000,
         )
@@ -341,7 +356,7 @@ class TestMessages:
         """With no positive balance, no refusal talks about locked credits."""
         org = facts(
             seats_used=org.seats_used,
-            purchase=org.purchase,
+            purchases=org.purchases,
             credits_acquired_microdollars=acquired,
             credits_used_microdollars=used,
         )

@@ -239,6 +239,8 @@ def org_endpoints(org_id: str, target_user: str) -> list[tuple[str, str, Any]]:
         ("GET", f"{base}/usage?from=2020-01-01", None),
         ("GET", f"{base}/members", None),
         ("POST", f"{base}/invitations", {"email": "spy@example.test", "role": "owner"}),
+        ("GET", f"{base}/invitations", None),
+        ("DELETE", f"{base}/invitations/00000000-0000-4000-8000-000000000000", None),
         ("POST", f"{base}/subscription/checkout", {"seats": 5}),
         ("POST", f"{base}/credits/checkout", {"amount_usd": 10}),
         ("POST", f"{base}/sso/contact-sales", {"message": "let me in"}),

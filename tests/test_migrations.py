@@ -418,3 +418,55 @@ async def test_rolled_back_change_does_not_notify(
     # Only the committed update arrives (and it arrives after the rolled-back one would have).
     assert await notifications.next() == {"table": "organizations", "organization_id": org}
     await assert_nothing_else(db, notifications)
+
+
+async def test_migration_nine_ends_subscriptions_stripe_ended_behind_a_newer_one(
+    empty_db: asyncpg.Connection,
+) -> None:
+    """Before migration 9 only an organization's newest row counted, so a cancellation
+    behind a newer subscription was never written. Each subscription counting on its own
+    from 9 on, those Stripe recorded as ended are ended; live ones are left alone."""
+    await migrate(empty_db, target=8)
+    now = datetime.now(UTC)
+    org_id: str = await empty_db.fetchval(
+        "INSERT INTO organizations (name) VALUES ('Acme') RETURNING id::text"
+    )
+    stripe_status = {"sub_old": "canceled", "sub_cancelling": "active", "sub_new": "active"}
+    for created, subscription in enumerate(stripe_status):
+        await empty_db.execute(
+            """INSERT INTO organization_seats_purchases (organization_id, subscription_stripe_id,
+                   seat_count, starts_at, expires_at, created_at)
+               VALUES ($1::uuid, $2, 3, $3, $4, $5)""",
+            org_id,
+            subscription,
+            now - timedelta(days=30),
+            now + timedelta(days=300),
+            now - timedelta(days=10 - created),
+        )
+        await empty_db.execute(
+            """INSERT INTO stripe_subscriptions (subscription_id, organization_id,
+                   last_event_created_at, status, updated_at)
+               VALUES ($1, $2::uuid, $3, $4, $3)""",
+            subscription,
+            org_id,
+            now - timedelta(days=1),
+            stripe_status[subscription],
+        )
+
+    assert await migrate(empty_db) == [9]
+
+    rows = await empty_db.fetch(
+        """SELECT DISTINCT ON (subscription_stripe_id) subscription_stripe_id,
+               subscription_status, expires_at, stripe_status
+           FROM organization_seats_purchases
+           ORDER BY subscription_stripe_id, created_at DESC"""
+    )
+    latest = {r["subscription_stripe_id"]: r for r in rows}
+    assert {s: r["subscription_status"] for s, r in latest.items()} == {
+        "sub_cancelling": "active",
+        "sub_new": "active",
+        "sub_old": "ended",
+    }
+    ended = latest["sub_old"]
+    assert (ended["expires_at"], ended["stripe_status"]) == (now - timedelta(days=1), "canceled")
+    assert await migrate(empty_db) == []

@@ -196,7 +196,13 @@ async def test_status_of_a_new_organization(
     assert body["plan"] == "teams"
     assert body["trial"]["stage"] == "trialing"
     assert body["trial"]["days_remaining"] == 29
-    assert body["seats"] == {"used": 1, "purchased": 0, "unlimited": True, "pending_invitations": 0}
+    assert body["seats"] == {
+        "used": 1,
+        "purchased": 0,
+        "unlimited": True,
+        "short": 0,
+        "pending_invitations": 0,
+    }
     assert body["subscription"] is None
     assert body["credits"] == {"balance_usd": 0.0, "locked": False}
     assert body["access"] == {"allowed": True, "reason": None}
@@ -262,6 +268,7 @@ async def test_status_of_a_subscribed_organization(
         "used": 1,
         "purchased": 5,
         "unlimited": False,
+        "short": 0,
         "pending_invitations": 0,
     }
     assert body["access"] == {"allowed": True, "reason": None}

@@ -56,6 +56,9 @@ def facts(**overrides: Any) -> OrgFacts:
         "purchase": None,
     }
     values.update(overrides)
+    # `purchase`: the organization's one subscription, the common case.
+    single = values.pop("purchase")
+    values.setdefault("purchases", () if single is None else (single,))
     return OrgFacts(**values)
 
 
@@ -391,6 +394,64 @@ DECIDE_TABLE = [
         for status in ("active", "pending_cancel", "past_due")
         for cycle in ("monthly", "yearly")
     ],
+    # --- several subscriptions: each is judged, the paying ones' seats add up --------------
+    pytest.param(
+        facts(seats_used=9, purchases=(purchase(seat_count=3), purchase(seat_count=6))),
+        AFTER,
+        TRIAL_DAYS,
+        ALLOWED_SUBSCRIBED,
+        id="two-subscriptions-3-plus-6-seats-cover-9",
+    ),
+    pytest.param(
+        facts(seats_used=10, purchases=(purchase(seat_count=3), purchase(seat_count=6))),
+        AFTER,
+        TRIAL_DAYS,
+        SEATS_EXCEEDED,
+        id="two-subscriptions-3-plus-6-seats-short-of-10",
+    ),
+    pytest.param(
+        facts(seats_used=5, purchases=(purchase(status="ended"), purchase(seat_count=6))),
+        AFTER,
+        TRIAL_DAYS,
+        ALLOWED_SUBSCRIBED,
+        id="one-ended-the-other-pays",
+    ),
+    pytest.param(
+        facts(seats_used=5, purchases=(purchase(seat_count=6), purchase(status="ended"))),
+        AFTER,
+        TRIAL_DAYS,
+        ALLOWED_SUBSCRIBED,
+        id="the-newest-ended-an-older-one-pays",
+    ),
+    pytest.param(
+        facts(
+            seats_used=7,
+            purchases=(purchase(status="ended", seat_count=50), purchase(seat_count=6)),
+        ),
+        AFTER,
+        TRIAL_DAYS,
+        SEATS_EXCEEDED,
+        id="an-ended-subscription-adds-no-seats",
+    ),
+    pytest.param(
+        facts(
+            purchases=(
+                purchase(status="ended"),
+                purchase(starts_at=BASE, expires_at=BASE + 20 * DAY),
+            )
+        ),
+        AFTER,
+        TRIAL_DAYS,
+        INACTIVE,
+        id="none-of-two-pays",
+    ),
+    pytest.param(
+        facts(seats_used=4, purchases=(purchase(status="past_due", seat_count=2),) * 2),
+        AFTER,
+        TRIAL_DAYS,
+        ALLOWED_SUBSCRIBED,
+        id="past-due-seats-add-up",
+    ),
 ]
 
 
@@ -439,6 +500,42 @@ class TestDecide:
         first = decide(org, now, trial_days)
         assert org == before
         assert decide(org, now, trial_days) == first
+
+    @pytest.mark.parametrize(
+        ("org", "now", "seats"),
+        [
+            pytest.param(facts(), AFTER, 0, id="none-bought"),
+            pytest.param(facts(purchases=(purchase(seat_count=3),)), AFTER, 3, id="one"),
+            pytest.param(
+                facts(purchases=(purchase(seat_count=3), purchase(seat_count=6))),
+                AFTER,
+                9,
+                id="two-add-up",
+            ),
+            pytest.param(
+                facts(purchases=(purchase(seat_count=3), purchase(status="ended"))),
+                AFTER,
+                3,
+                id="ended-counts-none",
+            ),
+            pytest.param(
+                facts(seats_used=9, purchases=(purchase(seat_count=3, starts_at=BASE),)),
+                BASE + 10 * DAY,
+                3,
+                id="bought-during-the-trial",
+            ),
+        ],
+    )
+    def test_verdict_counts_the_seats_paying_now(self, org: OrgFacts, now: float, seats: int):
+        """The verdict carries the seats it judged against: every paying purchase's, added up."""
+        assert decide(org, now, TRIAL_DAYS).seats_purchased == seats
+
+    def test_trial_stays_open_with_fewer_seats_bought_than_members(self):
+        """Bought during the trial for fewer seats than members: allowed until the trial ends,
+        then seats_exceeded (the status page warns before)."""
+        org = facts(seats_used=9, purchases=(purchase(seat_count=3, starts_at=BASE),))
+        assert decide(org, TRIAL_END - 1, TRIAL_DAYS).standing is Standing.TRIALING
+        assert decide(org, TRIAL_END, TRIAL_DAYS).reason is Reason.SEATS_EXCEEDED
 
 
 class TestCachedFactsNotVerdicts:

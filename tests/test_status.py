@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from gateway.access.refusals import refusal_message
-from gateway.access.rule import SECONDS_PER_DAY, OrgFacts, Purchase, Standing, Verdict, decide
+from gateway.access.rule import SECONDS_PER_DAY, OrgFacts, Purchase, decide
 from gateway.accounts.status import (
     Level,
     ReminderStage,
@@ -20,6 +20,7 @@ from gateway.accounts.status import (
     call_to_action_level,
     days_remaining,
     has_seat_for,
+    human_time,
     organization_status,
     plan_pricing,
     purchased_seats,
@@ -53,8 +54,11 @@ def facts(**changes: Any) -> OrgFacts:
         free_trial_end_at=None,
         require_seats=True,
         seats_used=1,
-        purchase=None,
     )
+    # `purchase`: the organization's one subscription, the common case.
+    if "purchase" in changes:
+        single = changes.pop("purchase")
+        changes["purchases"] = () if single is None else (single,)
     return dataclasses.replace(base, **changes)
 
 
@@ -199,17 +203,74 @@ def test_purchased_seats_counts_only_a_paying_purchase(
 
 
 @pytest.mark.parametrize(
-    ("standing", "unlimited"),
+    ("case", "org", "now", "unlimited"),
     [
-        (Standing.TRIALING, True),
-        (Standing.EXEMPT, True),
-        (Standing.SUBSCRIBED, False),
-        (Standing.BLOCKED, False),
+        ("trialing, nothing bought", facts(), END - DAY, True),
+        ("trialing, bought", facts(purchase=purchase(seats=3)), END - DAY, False),
+        ("trialing, purchase ended", facts(purchase=purchase("ended")), END - DAY, True),
+        ("exempt", facts(require_seats=False), END + DAY, True),
+        ("exempt, bought", facts(require_seats=False, purchase=purchase()), END - DAY, True),
+        ("subscribed", facts(purchase=purchase()), END + DAY, False),
+        ("blocked", facts(), END + DAY, False),
     ],
 )
-def test_seats_unlimited_while_trialing_or_exempt(standing: Standing, unlimited: bool) -> None:
-    """Members are not counted during the trial, nor for exempt organizations."""
-    assert seats_unlimited(Verdict(True, standing, None, END)) is unlimited
+def test_seats_unlimited_until_the_first_purchase(
+    case: str, org: OrgFacts, now: float, unlimited: bool
+) -> None:
+    """Members are not counted during a trial nothing was bought in, nor when exempt."""
+    assert seats_unlimited(org, decide(org, now, TRIAL_DAYS), now) is unlimited, case
+
+
+def test_seats_of_several_subscriptions_add_up() -> None:
+    """Two paying subscriptions pay for their seats together; an ended one for none."""
+    org = facts(purchases=(purchase(seats=3), purchase(seats=6), purchase("ended", seats=50)))
+    assert purchased_seats(org, END + DAY) == 9
+
+
+@pytest.mark.parametrize(
+    ("case", "seats_used", "now", "level"),
+    [
+        ("enough seats, trial running", 3, END - 20 * DAY, Level.NONE),
+        ("one member too many, 20 days left", 4, END - 20 * DAY, Level.WARNING),
+        ("one member too many, 3 days left", 4, END - 3 * DAY, Level.URGENT),
+        ("one member too many, last hour", 4, END - 3600, Level.URGENT),
+        ("one member too many, trial over", 4, END + DAY, Level.BLOCKING),
+    ],
+)
+def test_paid_during_the_trial_warns_of_missing_seats_before_it_ends(
+    case: str, seats_used: int, now: float, level: Level
+) -> None:
+    """Bought during the trial with fewer seats than members: a warning, then urgent in
+    the last 3 days, before the proxy refuses the organization at the trial's end."""
+    org = facts(seats_used=seats_used, purchase=purchase(seats=3))
+    assert level_at(org, now) is level, case
+
+
+def test_missing_seats_warning_says_what_happens_at_the_trial_end() -> None:
+    """The warning counts members and seats and names the trial's end."""
+    org = facts(seats_used=5, purchase=purchase(seats=3))
+    action = cta(org, END - 10 * DAY)
+    assert action["level"] == "warning"
+    assert action["title"] == "Your organization needs more seats"
+    assert "5 members but pays for 3 seats" in action["message"]
+    assert human_time(END) in action["message"]
+    status = organization_status(
+        org,
+        END - 10 * DAY,
+        name="Acme",
+        pending_invitations=0,
+        trial_days=TRIAL_DAYS,
+        app_url=APP_URL,
+        catalog=CATALOG,
+    )
+    assert status["seats"] == {
+        "used": 5,
+        "purchased": 3,
+        "unlimited": False,
+        "short": 2,
+        "pending_invitations": 0,
+    }
+    assert status["access"] == {"allowed": True, "reason": None}
 
 
 def test_teams_pricing_is_stated_in_monthly_terms() -> None:
@@ -312,7 +373,13 @@ def test_status_of_a_trialing_teams_organization() -> None:
         "days_remaining": 29,
         "stage": "trialing",
     }
-    assert body["seats"] == {"used": 1, "purchased": 0, "unlimited": True, "pending_invitations": 2}
+    assert body["seats"] == {
+        "used": 1,
+        "purchased": 0,
+        "unlimited": True,
+        "short": 0,
+        "pending_invitations": 2,
+    }
     assert body["subscription"] is None
     assert body["credits"] == {"balance_usd": 5.0, "locked": False}
     assert body["access"] == {"allowed": True, "reason": None}
@@ -342,6 +409,7 @@ def test_status_of_a_subscribed_enterprise_organization() -> None:
         "billing_cycle": "yearly",
         "seat_count": 9,
         "expires_at": "2027-05-25T08:00:00Z",
+        "first_charge_at": None,
     }
     assert body["seats"]["purchased"] == 9
     assert body["trial"]["stage"] == "expired"

@@ -9,9 +9,10 @@ import pytest
 
 from gateway.accounts.stripe_subscriptions import (
     canonical_uuid,
+    is_catalog_price,
     object_id,
     purchase_status,
-    seat_item,
+    seat_items,
     subscription_state,
 )
 from gateway.plans import load_catalog
@@ -93,15 +94,51 @@ def test_seat_item_is_the_one_with_a_catalog_price() -> None:
     seats = sub["items"]["data"][0]
     addon = {**seats, "quantity": 1, "price": {**seats["price"], "lookup_key": "sso_addon"}}
     sub["items"]["data"] = [addon, seats]
-    assert seat_item(sub, CATALOG)["quantity"] == 4
+    assert [item["quantity"] for item in seat_items(sub, CATALOG)] == [4]
     assert subscription_state(sub, CATALOG).seat_count == 4
 
 
-def test_seat_item_falls_back_to_the_first_item() -> None:
-    """Prices without a known lookup key: the first item is the seats."""
-    sub = subscription_object(organization_id=ORG, quantity=3, lookup_key="legacy")
-    assert seat_item(sub, CATALOG)["quantity"] == 3
-    assert seat_item({"items": {"data": []}}, CATALOG) == {}
+def test_seats_of_every_catalog_item_add_up() -> None:
+    """Two items priced from the catalog (yearly and legacy monthly) sell their seats together."""
+    sub = subscription_object(organization_id=ORG, quantity=4)
+    seats = sub["items"]["data"][0]
+    monthly = {
+        **seats,
+        "quantity": 2,
+        "price": {**seats["price"], "lookup_key": "kilo_teams_seat_monthly"},
+    }
+    sub["items"]["data"] = [seats, monthly]
+    state = subscription_state(sub, CATALOG)
+    assert (state.seat_count, state.grants_seats) == (6, True)
+
+
+def test_subscription_to_another_product_grants_no_seats() -> None:
+    """A price that is not ours (no catalog lookup key, no kilo_plan mark) sells no seats,
+    however many it has: the first item is never taken for the seats."""
+    sub = subscription_object(organization_id=ORG, quantity=50, lookup_key=None)
+    state = subscription_state(sub, CATALOG)
+    assert seat_items(sub, CATALOG) == []
+    assert (state.seat_count, state.grants_seats) == (0, False)
+    assert seat_items({"items": {"data": []}}, CATALOG) == []
+
+
+@pytest.mark.parametrize(
+    ("price", "ours"),
+    [
+        ({"lookup_key": "kilo_teams_seat_yearly"}, True),
+        ({"lookup_key": "kilo_enterprise_seat_monthly"}, True),
+        # stripe-setup marks its prices: one whose lookup key moved on is still ours.
+        ({"lookup_key": None, "metadata": {"kilo_plan": "teams"}}, True),
+        ({"lookup_key": "legacy", "metadata": {"kilo_plan": "enterprise"}}, True),
+        ({"lookup_key": "legacy"}, False),
+        ({"lookup_key": None, "metadata": {"kilo_plan": "gold"}}, False),
+        ({"lookup_key": None, "metadata": {}}, False),
+        ({}, False),
+    ],
+)
+def test_which_prices_are_ours(price: dict[str, Any], ours: bool) -> None:
+    """A catalog lookup key or stripe-setup's kilo_plan mark makes a price ours."""
+    assert is_catalog_price(price, CATALOG) is ours
 
 
 @pytest.mark.parametrize(

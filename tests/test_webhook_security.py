@@ -246,13 +246,14 @@ async def test_one_event_delivered_many_times_at_once_is_applied_once(
     client: aiohttp.ClientSession,
     db: asyncpg.Connection,
     org_id: str,
+    stripe_server: RunningFakeStripe,
 ) -> None:
     """20 simultaneous deliveries of one subscription event (a replay storm, or Stripe
     retrying while the first is still running): one purchase, one event row; every
     delivery is 200 and all but one say duplicate."""
-    event = event_object(
-        "customer.subscription.created", subscription_object(organization_id=org_id)
-    )
+    subscription = subscription_object(organization_id=org_id)
+    stripe_server.state.add_subscription(subscription)  # what the gateway reads back
+    event = event_object("customer.subscription.created", subscription)
     payload = json.dumps(event).encode()
     signature = sign(payload)
     results = await asyncio.gather(

@@ -1,7 +1,9 @@
 """The Stripe webhook: signatures, exactly-once events, out-of-order deliveries, what each
 event writes, and the proxy letting an organization through within a second of a purchase.
 
-Events are signed with the stripe library's own helper, as Stripe signs them.
+Events are signed with the stripe library's own helper, as Stripe signs them. The
+gateway reads every subscription back from the fake Stripe, so a test first makes the
+fake hold the state an event announces (`publish`), as Stripe would.
 """
 
 from __future__ import annotations
@@ -75,6 +77,22 @@ async def deliver(
         gateway.url / "api/stripe/webhook", data=payload.encode(), headers=headers
     ) as response:
         return response.status, json.loads(await response.read())
+
+
+async def publish(
+    client: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    stripe_server: RunningFakeStripe,
+    event_type: str,
+    subscription: dict[str, Any],
+    *,
+    created: float | None = None,
+) -> tuple[int, Any]:
+    """Stripe's side of a change: the subscription is now `subscription`, and the event
+    announcing it is delivered."""
+    stripe_server.state.add_subscription(subscription)
+    event = event_object(event_type, subscription, created=created)
+    return await deliver(client, gateway, event)
 
 
 async def chat(
@@ -219,12 +237,13 @@ async def test_duplicate_delivery_is_applied_once(
     client: aiohttp.ClientSession,
     seed: Seed,
     db: asyncpg.Connection,
+    stripe_server: RunningFakeStripe,
 ) -> None:
     """The second delivery of an event id is answered 200 duplicate and changes nothing."""
     org_id = await seed.org()
-    event = event_object(
-        "customer.subscription.created", subscription_object(organization_id=org_id)
-    )
+    sub = subscription_object(organization_id=org_id)
+    stripe_server.state.add_subscription(sub)
+    event = event_object("customer.subscription.created", sub)
     assert await deliver(client, billing_gateway, event) == (200, {"received": True})
     assert await deliver(client, billing_gateway, event) == (
         200,
@@ -234,57 +253,50 @@ async def test_duplicate_delivery_is_applied_once(
     assert await count(db, "stripe_events") == 1
 
 
-async def test_older_event_never_overwrites_newer_state(
+async def test_older_event_delivered_late_applies_stripes_state(
     billing_gateway: RunningGateway,
     client: aiohttp.ClientSession,
     seed: Seed,
     db: asyncpg.Connection,
+    stripe_server: RunningFakeStripe,
 ) -> None:
-    """An `updated` delivered before the older `created` stays the current purchase."""
+    """`created` (5 seats) delivered after the newer `updated` (9 seats): both read the
+    subscription back from Stripe, which has 9, so 9 stays and nothing else is written."""
     org_id = await seed.org()
     now = int(time.time())
     sub = subscription_object(organization_id=org_id, quantity=5)
     newer = subscription_object(organization_id=org_id, quantity=9, subscription_id=sub["id"])
-    assert (
-        await deliver(
-            client,
-            billing_gateway,
-            event_object("customer.subscription.updated", newer, created=now),
-        )
-    )[0] == 200
-    assert (
-        await deliver(
-            client,
-            billing_gateway,
-            event_object("customer.subscription.created", sub, created=now - 5),
-        )
-    )[0] == 200
+    stripe_server.state.add_subscription(newer)
+    updated = event_object("customer.subscription.updated", newer, created=now)
+    created = event_object("customer.subscription.created", sub, created=now - 5)
+    assert (await deliver(client, billing_gateway, updated))[0] == 200
+    assert (await deliver(client, billing_gateway, created))[0] == 200
     rows = await purchases(db, org_id)
     assert [r["seat_count"] for r in rows] == [9]
     clock = await db.fetchrow(
         "SELECT * FROM stripe_subscriptions WHERE subscription_id = $1", sub["id"]
     )
     assert clock["last_event_created_at"].timestamp() == now
+    assert clock["version"] == 1  # the late one read the same state: nothing written
     assert await count(db, "stripe_events") == 2
 
 
-async def test_newer_event_replaces_the_current_purchase(
+async def test_each_change_writes_a_purchase_row(
     billing_gateway: RunningGateway,
     client: aiohttp.ClientSession,
     seed: Seed,
     db: asyncpg.Connection,
+    stripe_server: RunningFakeStripe,
 ) -> None:
-    """Events in order each write a purchase row; the newest is the current one."""
+    """Changes in order each write a purchase row; the newest is the subscription's state."""
     org_id = await seed.org()
     now = int(time.time())
     sub = subscription_object(organization_id=org_id, quantity=5)
     more = subscription_object(organization_id=org_id, quantity=8, subscription_id=sub["id"])
-    await deliver(
-        client, billing_gateway, event_object("customer.subscription.created", sub, created=now - 5)
-    )
-    await deliver(
-        client, billing_gateway, event_object("customer.subscription.updated", more, created=now)
-    )
+    created = "customer.subscription.created"
+    await publish(client, billing_gateway, stripe_server, created, sub, created=now - 5)
+    updated = "customer.subscription.updated"
+    await publish(client, billing_gateway, stripe_server, updated, more, created=now)
     rows = await purchases(db, org_id)
     assert [r["seat_count"] for r in rows] == [5, 8]
     assert rows[-1]["idempotency_key"].startswith("evt_")
@@ -311,6 +323,7 @@ async def test_subscription_event_writes_the_mapped_purchase(
     client: aiohttp.ClientSession,
     seed: Seed,
     db: asyncpg.Connection,
+    stripe_server: RunningFakeStripe,
     stripe_status: str,
     cancel_at_period_end: bool,
     interval: str,
@@ -329,9 +342,11 @@ async def test_subscription_event_writes_the_mapped_purchase(
         period_start=start,
         period_end=start + 1000,
     )
+    stripe_server.state.add_subscription(sub)
     event = event_object("customer.subscription.updated", sub)
     assert (await deliver(client, billing_gateway, event))[0] == 200
     (row,) = await purchases(db, org_id)
+    assert row["stripe_status"] == stripe_status
     assert row["subscription_status"] == expected_status
     assert row["billing_cycle"] == expected_cycle
     assert row["seat_count"] == 4
@@ -345,6 +360,7 @@ async def test_organization_is_found_by_customer_without_metadata(
     client: aiohttp.ClientSession,
     seed: Seed,
     db: asyncpg.Connection,
+    stripe_server: RunningFakeStripe,
 ) -> None:
     """A subscription without organization metadata belongs to the customer's organization."""
     org_id = await seed.org()
@@ -352,41 +368,47 @@ async def test_organization_is_found_by_customer_without_metadata(
         "UPDATE organizations SET stripe_customer_id = 'cus_known' WHERE id = $1", org_id
     )
     sub = subscription_object(organization_id=None, customer="cus_known")
-    assert (
-        await deliver(client, billing_gateway, event_object("customer.subscription.created", sub))
-    )[0] == 200
+    created = "customer.subscription.created"
+    assert (await publish(client, billing_gateway, stripe_server, created, sub))[0] == 200
     assert len(await purchases(db, org_id)) == 1
 
 
 async def test_subscription_of_no_known_organization_is_only_recorded(
-    billing_gateway: RunningGateway, client: aiohttp.ClientSession, db: asyncpg.Connection
+    billing_gateway: RunningGateway,
+    client: aiohttp.ClientSession,
+    db: asyncpg.Connection,
+    stripe_server: RunningFakeStripe,
 ) -> None:
     """An event for nobody we know is answered 200 (so Stripe stops) and writes no purchase."""
     sub = subscription_object(
         organization_id="3f1c0f5e-0000-4000-8000-000000000000", customer="cus_x"
     )
-    assert (
-        await deliver(client, billing_gateway, event_object("customer.subscription.created", sub))
-    )[0] == 200
+    created = "customer.subscription.created"
+    assert (await publish(client, billing_gateway, stripe_server, created, sub))[0] == 200
     assert await count(db, "stripe_events") == 1
     assert await purchases(db) == []
 
 
-async def test_ended_subscription_does_not_replace_another_that_pays(
+async def test_ended_subscription_leaves_another_that_pays(
     billing_gateway: RunningGateway,
     client: aiohttp.ClientSession,
     seed: Seed,
     db: asyncpg.Connection,
+    stripe_server: RunningFakeStripe,
 ) -> None:
-    """A late cancellation of an old subscription leaves the org's new, paying one current."""
-    org_id = await seed.org(age=EXPIRED)
-    await seed.purchase(org_id, seat_count=3)  # the new subscription, paying
+    """A late cancellation of an old subscription ends that one only: the org's other,
+    paying subscription still lets its member through."""
+    org_id, token = await expired_org_with_member(seed)
+    paying = await seed.purchase(org_id, seat_count=3)
     old = subscription_object(organization_id=org_id, status="canceled")
-    assert (
-        await deliver(client, billing_gateway, event_object("customer.subscription.deleted", old))
-    )[0] == 200
+    deleted = "customer.subscription.deleted"
+    assert (await publish(client, billing_gateway, stripe_server, deleted, old))[0] == 200
     rows = await purchases(db, org_id)
-    assert [r["subscription_status"] for r in rows] == ["active"]
+    assert [(str(r["id"]) == paying, r["subscription_status"]) for r in rows] == [
+        (True, "active"),
+        (False, "ended"),
+    ]
+    assert await chat(client, billing_gateway, token) == (200, None)
 
 
 async def test_other_event_types_are_recorded(
@@ -406,13 +428,13 @@ async def test_unexpected_failure_is_500_and_rolls_back(
     client: aiohttp.ClientSession,
     seed: Seed,
     db: asyncpg.Connection,
+    stripe_server: RunningFakeStripe,
 ) -> None:
     """A subscription Stripe would never send fails with 500, and the event id is not kept."""
     sub = subscription_object(organization_id=await seed.org())
     sub["items"]["data"][0].pop("current_period_end")
-    status, body = await deliver(
-        client, billing_gateway, event_object("customer.subscription.created", sub)
-    )
+    created = "customer.subscription.created"
+    status, body = await publish(client, billing_gateway, stripe_server, created, sub)
     assert (status, body["error_type"]) == (500, "internal_error")
     await assert_nothing_written(db)
 
@@ -460,11 +482,8 @@ async def test_invoice_paid_extends_expiry(
     sub = subscription_object(
         organization_id=org_id, period_start=now - 365 * DAY_SECONDS, period_end=now + 60
     )
-    await deliver(
-        client,
-        billing_gateway,
-        event_object("customer.subscription.created", sub, created=now - 10),
-    )
+    created = "customer.subscription.created"
+    await publish(client, billing_gateway, stripe_server, created, sub, created=now - 10)
     renewed = subscription_object(
         organization_id=org_id,
         subscription_id=sub["id"],
@@ -610,32 +629,34 @@ async def expired_org_with_member(seed: Seed, *, members: int = 1) -> tuple[str,
 
 
 async def test_yearly_purchase_unblocks_an_expired_org_within_a_second(
-    billing_gateway: RunningGateway, client: aiohttp.ClientSession, seed: Seed
+    billing_gateway: RunningGateway,
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    stripe_server: RunningFakeStripe,
 ) -> None:
     """402 trial_expired, then a signed subscription.created: the proxy serves within 1 s."""
     org_id, token = await expired_org_with_member(seed)
     assert await chat(client, billing_gateway, token) == (402, "trial_expired")
     sub = subscription_object(organization_id=org_id, quantity=2)
-    assert (
-        await deliver(client, billing_gateway, event_object("customer.subscription.created", sub))
-    )[0] == 200
+    created = "customer.subscription.created"
+    assert (await publish(client, billing_gateway, stripe_server, created, sub))[0] == 200
     await eventually(
         lambda: chat(client, billing_gateway, token), (200, None), UNBLOCK_DEADLINE_SECONDS
     )
 
 
 async def test_cancellation_after_expiry_blocks_again(
-    billing_gateway: RunningGateway, client: aiohttp.ClientSession, seed: Seed
+    billing_gateway: RunningGateway,
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    stripe_server: RunningFakeStripe,
 ) -> None:
     """A deleted (canceled) subscription whose period is over blocks: subscription_inactive."""
     org_id, token = await expired_org_with_member(seed)
     now = int(time.time())
     sub = subscription_object(organization_id=org_id, quantity=2)
-    await deliver(
-        client,
-        billing_gateway,
-        event_object("customer.subscription.created", sub, created=now - 10),
-    )
+    created = "customer.subscription.created"
+    await publish(client, billing_gateway, stripe_server, created, sub, created=now - 10)
     await eventually(
         lambda: chat(client, billing_gateway, token), (200, None), UNBLOCK_DEADLINE_SECONDS
     )
@@ -647,8 +668,9 @@ async def test_cancellation_after_expiry_blocks_again(
         period_start=now - 365 * DAY_SECONDS,
         period_end=now - 1,
     )
-    event = event_object("customer.subscription.deleted", canceled, created=now)
-    assert (await deliver(client, billing_gateway, event))[0] == 200
+    deleted = "customer.subscription.deleted"
+    status, _ = await publish(client, billing_gateway, stripe_server, deleted, canceled)
+    assert status == 200
     await eventually(
         lambda: chat(client, billing_gateway, token),
         (402, "subscription_inactive"),
@@ -657,7 +679,10 @@ async def test_cancellation_after_expiry_blocks_again(
 
 
 async def test_pending_cancel_stays_allowed_until_expires_at(
-    billing_gateway: RunningGateway, client: aiohttp.ClientSession, seed: Seed
+    billing_gateway: RunningGateway,
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    stripe_server: RunningFakeStripe,
 ) -> None:
     """Cancelling at period end keeps access until the period ends, then blocks."""
     org_id, token = await expired_org_with_member(seed)
@@ -665,9 +690,8 @@ async def test_pending_cancel_stays_allowed_until_expires_at(
     sub = subscription_object(
         organization_id=org_id, quantity=2, cancel_at_period_end=True, period_end=period_end
     )
-    assert (
-        await deliver(client, billing_gateway, event_object("customer.subscription.updated", sub))
-    )[0] == 200
+    updated = "customer.subscription.updated"
+    assert (await publish(client, billing_gateway, stripe_server, updated, sub))[0] == 200
     await eventually(
         lambda: chat(client, billing_gateway, token), (200, None), UNBLOCK_DEADLINE_SECONDS
     )
@@ -678,14 +702,16 @@ async def test_pending_cancel_stays_allowed_until_expires_at(
 
 
 async def test_fewer_seats_than_members_is_seats_exceeded(
-    billing_gateway: RunningGateway, client: aiohttp.ClientSession, seed: Seed
+    billing_gateway: RunningGateway,
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    stripe_server: RunningFakeStripe,
 ) -> None:
     """A yearly purchase for fewer seats than members refuses with seats_exceeded."""
     org_id, token = await expired_org_with_member(seed, members=2)  # owner + 2 members
     sub = subscription_object(organization_id=org_id, quantity=2)
-    assert (
-        await deliver(client, billing_gateway, event_object("customer.subscription.created", sub))
-    )[0] == 200
+    created = "customer.subscription.created"
+    assert (await publish(client, billing_gateway, stripe_server, created, sub))[0] == 200
     await eventually(
         lambda: chat(client, billing_gateway, token),
         (402, "seats_exceeded"),
@@ -697,7 +723,17 @@ async def test_fewer_seats_than_members_is_seats_exceeded(
 
 
 def test_related_subscription_of_each_event_type() -> None:
-    """Checkouts in subscription mode and invoices (both API shapes) name a subscription."""
+    """Subscription events, checkouts in subscription mode and invoices (both API shapes)
+    name the subscription to read back; other events none."""
+    changed = [
+        event_object(kind, {"id": "sub_0", "object": "subscription"})
+        for kind in (
+            "customer.subscription.created",
+            "customer.subscription.updated",
+            "customer.subscription.deleted",
+        )
+    ]
+    customer = event_object("customer.created", {"id": "cus_1", "object": "customer"})
     checkout = event_object(
         "checkout.session.completed", {"mode": "subscription", "subscription": "sub_1"}
     )
@@ -707,8 +743,8 @@ def test_related_subscription_of_each_event_type() -> None:
         "invoice.payment_failed", {"parent": {"subscription_details": {"subscription": "sub_3"}}}
     )
     one_off = event_object("invoice.paid", {"parent": None})
-    expected = ["sub_1", None, "sub_2", "sub_3", None]
-    events = [checkout, payment, old_invoice, new_invoice, one_off]
+    expected = ["sub_0"] * 3 + [None, "sub_1", None, "sub_2", "sub_3", None]
+    events = [*changed, customer, checkout, payment, old_invoice, new_invoice, one_off]
     assert [related_subscription_id(parse_event(e)) for e in events] == expected
 
 

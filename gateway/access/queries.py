@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import asyncpg
 
@@ -38,20 +38,25 @@ SELECT organization_id::text FROM organization_memberships
 WHERE user_id = $1 ORDER BY organization_id LIMIT 2
 """
 
+# Each subscription's newest row is its state now; an organization may have several live
+# subscriptions, and the rule adds up what they pay for. One statement, one snapshot.
 _FACTS_SQL = """
 SELECT o.id::text AS id, o.created_at, o.free_trial_end_at, o.require_seats, o.plan,
        o.credits_acquired_microdollars, o.credits_used_microdollars,
        (SELECT count(*) FROM organization_memberships m
          WHERE m.organization_id = o.id AND m.role <> 'billing_manager') AS seats_used,
-       p.subscription_status, p.seat_count, p.starts_at, p.expires_at, p.billing_cycle
+       array(
+           SELECT ROW(p.subscription_status, p.seat_count, p.starts_at, p.expires_at,
+                      p.billing_cycle, p.subscription_stripe_id, p.stripe_status)
+           FROM (
+               SELECT DISTINCT ON (subscription_stripe_id) *
+               FROM organization_seats_purchases
+               WHERE organization_id = o.id
+               ORDER BY subscription_stripe_id, created_at DESC, id DESC
+           ) p
+           ORDER BY p.created_at DESC, p.id DESC
+       ) AS purchases
 FROM organizations o
-LEFT JOIN LATERAL (
-    SELECT subscription_status, seat_count, starts_at, expires_at, billing_cycle
-    FROM organization_seats_purchases
-    WHERE organization_id = o.id
-    ORDER BY created_at DESC, id DESC
-    LIMIT 1
-) p ON true
 WHERE o.id = $1::uuid
 """
 
@@ -78,15 +83,6 @@ async def fetch_org_facts(conn: Queryable, organization_id: str) -> OrgFacts | N
     row = await conn.fetchrow(_FACTS_SQL, organization_id)
     if row is None:
         return None
-    purchase = None
-    if row["subscription_status"] is not None:
-        purchase = Purchase(
-            status=row["subscription_status"],
-            seat_count=row["seat_count"],
-            starts_at=row["starts_at"].timestamp(),
-            expires_at=row["expires_at"].timestamp(),
-            billing_cycle=row["billing_cycle"],
-        )
     trial_end = row["free_trial_end_at"]
     return OrgFacts(
         organization_id=row["id"],
@@ -94,8 +90,22 @@ async def fetch_org_facts(conn: Queryable, organization_id: str) -> OrgFacts | N
         free_trial_end_at=None if trial_end is None else trial_end.timestamp(),
         require_seats=row["require_seats"],
         seats_used=row["seats_used"],
-        purchase=purchase,
+        purchases=tuple(_purchase(p) for p in row["purchases"]),
         plan=row["plan"],
         credits_acquired_microdollars=row["credits_acquired_microdollars"],
         credits_used_microdollars=row["credits_used_microdollars"],
+    )
+
+
+def _purchase(fields: tuple[Any, ...]) -> Purchase:
+    """One subscription's row, in the order `_FACTS_SQL` builds it."""
+    status, seat_count, starts_at, expires_at, billing_cycle, subscription_id, stripe = fields
+    return Purchase(
+        status=status,
+        seat_count=seat_count,
+        starts_at=starts_at.timestamp(),
+        expires_at=expires_at.timestamp(),
+        billing_cycle=billing_cycle,
+        subscription_id=subscription_id,
+        stripe_status=stripe,
     )

@@ -95,7 +95,6 @@ def payment_required(
     """The 402 for a refused organization, with what the payment dialog reads."""
     assert verdict.reason is not None
     balance = balance_usd(balance_microdollars)
-    seats_purchased = facts.purchase.seat_count if facts.purchase is not None else 0
     link = billing_url(app_url, facts.organization_id)
     return PaymentRequired(
         refusal_message(facts, verdict, balance, link),
@@ -109,9 +108,17 @@ def payment_required(
             "organization_id": facts.organization_id,
             "trial_ends_at": iso_utc(verdict.trial_ends_at),
             "seats_used": facts.seats_used,
-            "seats_purchased": seats_purchased,
+            "seats_purchased": seats_purchased(facts, verdict),
         },
     )
+
+
+def seats_purchased(facts: OrgFacts, verdict: Verdict) -> int:
+    """The seats the payment dialog shows: those paying now, added up; for a subscription
+    that lapsed, those of the newest one, which is what would be renewed."""
+    if verdict.reason is Reason.SUBSCRIPTION_INACTIVE and facts.purchases:
+        return facts.purchases[0].seat_count
+    return verdict.seats_purchased
 
 
 def refusal_message(facts: OrgFacts, verdict: Verdict, balance: float, link: str) -> str:
@@ -144,7 +151,7 @@ def refusal_message(facts: OrgFacts, verdict: Verdict, balance: float, link: str
             f" billing manager can renew it to keep using Kilo Code.{locked}"
             f" Subscribe at {link}"
         )
-    purchased = facts.purchase.seat_count if facts.purchase is not None else 0
+    purchased = verdict.seats_purchased
     return (
         f"Your organization has {_count(facts.seats_used, 'member')} but pays for"
         f" {_count(purchased, 'seat')}. An owner or billing manager can buy more seats,"

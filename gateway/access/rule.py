@@ -7,11 +7,12 @@ The gateway caches facts, never verdicts, so an organization whose trial ends at
 1. The trial ends at `free_trial_end_at`, else `created_at + trial_days`. Before that
    the organization is trialing: allowed, seats unlimited.
 2. After it, `require_seats = false` exempts the organization (internal, design partners).
-3. Otherwise its current purchase (latest `created_at`) must be active, pending_cancel or
-   past_due with `starts_at <= now < expires_at`, monthly or yearly alike. If not:
-   `trial_expired` when it never had a purchase, `subscription_inactive` when it had one.
-4. Seats used (members who are not billing managers) above the purchase's seat count:
-   `seats_exceeded`.
+3. Otherwise at least one of its purchases (each Stripe subscription's newest state) must
+   be active, pending_cancel or past_due with `starts_at <= now < expires_at`, monthly or
+   yearly alike. If none is: `trial_expired` when it never had a purchase,
+   `subscription_inactive` when it had one.
+4. Seats used (members who are not billing managers) above the seats of all its paying
+   purchases added up: `seats_exceeded`.
 
 Spending is judged after access (`decide_credits`): an organization that may use the
 proxy but has no credit left (balance at or below zero) is refused paid models with
@@ -41,13 +42,16 @@ class Standing(StrEnum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Purchase:
-    """An organization's current seats purchase; times are UNIX seconds."""
+    """One subscription's newest seats purchase; times are UNIX seconds."""
 
     status: str
     seat_count: int
     starts_at: float
     expires_at: float
     billing_cycle: str = "monthly"
+    subscription_id: str = ""
+    # Stripe's own status (`trialing`, `active`, ...); None for rows written before it was kept.
+    stripe_status: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -59,7 +63,8 @@ class OrgFacts:
     free_trial_end_at: float | None
     require_seats: bool
     seats_used: int
-    purchase: Purchase | None
+    # The newest state of each of the organization's subscriptions, newest first.
+    purchases: tuple[Purchase, ...] = ()
     plan: str = "teams"
     credits_acquired_microdollars: int = 0
     credits_used_microdollars: int = 0
@@ -78,6 +83,8 @@ class Verdict:
     standing: Standing
     reason: Reason | None
     trial_ends_at: float
+    # The seats of every purchase paying at the instant judged, added up.
+    seats_purchased: int = 0
 
     @property
     def trialing(self) -> bool:
@@ -97,21 +104,36 @@ def is_paying(purchase: Purchase, now: float) -> bool:
     return purchase.status in PAYING_STATUSES and purchase.starts_at <= now < purchase.expires_at
 
 
+def is_live(purchase: Purchase, now: float) -> bool:
+    """True while the subscription is in a paying status and its period has not ended."""
+    return purchase.status in PAYING_STATUSES and now < purchase.expires_at
+
+
+def paying_purchases(facts: OrgFacts, now: float) -> tuple[Purchase, ...]:
+    """The purchases that pay for seats at `now`."""
+    return tuple(p for p in facts.purchases if is_paying(p, now))
+
+
+def paid_seats(facts: OrgFacts, now: float) -> int:
+    """The seats of every purchase paying at `now`, added up (0 without one)."""
+    return sum(p.seat_count for p in paying_purchases(facts, now))
+
+
 def decide(facts: OrgFacts, now: float, trial_days: int) -> Verdict:
     """Apply the rule to `facts` at UNIX time `now`."""
     ends_at = trial_end(facts, trial_days)
+    seats = paid_seats(facts, now)
     if now < ends_at:
-        return Verdict(True, Standing.TRIALING, None, ends_at)
+        return Verdict(True, Standing.TRIALING, None, ends_at, seats)
     if not facts.require_seats:
-        return Verdict(True, Standing.EXEMPT, None, ends_at)
-    purchase = facts.purchase
-    if purchase is None:
+        return Verdict(True, Standing.EXEMPT, None, ends_at, seats)
+    if not facts.purchases:
         return Verdict(False, Standing.BLOCKED, Reason.TRIAL_EXPIRED, ends_at)
-    if not is_paying(purchase, now):
+    if not paying_purchases(facts, now):
         return Verdict(False, Standing.BLOCKED, Reason.SUBSCRIPTION_INACTIVE, ends_at)
-    if facts.seats_used > purchase.seat_count:
-        return Verdict(False, Standing.BLOCKED, Reason.SEATS_EXCEEDED, ends_at)
-    return Verdict(True, Standing.SUBSCRIBED, None, ends_at)
+    if facts.seats_used > seats:
+        return Verdict(False, Standing.BLOCKED, Reason.SEATS_EXCEEDED, ends_at, seats)
+    return Verdict(True, Standing.SUBSCRIBED, None, ends_at, seats)
 
 
 def is_free_model(model: str | None) -> bool:

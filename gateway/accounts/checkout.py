@@ -6,14 +6,22 @@
 Both are for owners and billing managers, answer `{"url", "session_id"}` of a Stripe
 Checkout Session and change nothing here: what was bought arrives later through the
 webhook (`webhooks.py`). Each organization has one Stripe customer, created on its first
-checkout. A repeated click within a minute (or a repeated `Idempotency-Key` header)
-gets the same session back, because Stripe replays requests with the same idempotency key.
+checkout with the owner's email. A repeated click within a minute (or a repeated
+`Idempotency-Key` header) gets the same session back, because Stripe replays requests
+with the same idempotency key.
+
+An organization has one live subscription: while one is active, trialing, past_due or
+pending_cancel, a subscription checkout is 409 `subscription_exists`, naming where to
+change it instead. Paying during the trial keeps the free days: the subscription's trial
+ends when the organization's does (`subscription_data.trial_end`), and Stripe charges
+first then; with less than Stripe's minimum of 48 hours left, it charges at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -21,12 +29,13 @@ from typing import Any
 from aiohttp import web
 
 from gateway.access.members import authorize_member
-from gateway.access.queries import Queryable
-from gateway.access.refusals import billing_url
+from gateway.access.queries import Queryable, fetch_org_facts
+from gateway.access.refusals import billing_url, iso_utc
+from gateway.access.rule import OrgFacts, Purchase, is_live, trial_end
 from gateway.accounts.payloads import choice_field, json_object
 from gateway.accounts.stripe_client import StripeApi, require_stripe, stripe_api
 from gateway.config import CONFIG, Config
-from gateway.errors import BadRequest, NotFound, Reason
+from gateway.errors import BadRequest, Conflict, NotFound, Reason
 from gateway.plans import BILLING_CYCLES
 from gateway.platform.database import POOL, run_query
 
@@ -39,6 +48,8 @@ CREDITS_PRODUCT_NAME = "Kilo Code credits"
 # Identical checkout requests within this window get the same Checkout Session.
 IDEMPOTENCY_WINDOW_SECONDS = 60
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+# Stripe refuses a Checkout trial_end less than 48 hours away; the margin covers clocks.
+MIN_TRIAL_SECONDS = 48 * 3600 + 600
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,12 +61,16 @@ class BillingOrg:
     plan: str
     stripe_customer_id: str | None
     seats_used: int
+    owner_email: str | None  # the first owner's, for the Stripe customer
 
 
 _BILLING_ORG_SQL = """
 SELECT o.id::text AS id, o.name, o.plan, o.stripe_customer_id,
        (SELECT count(*) FROM organization_memberships m
-         WHERE m.organization_id = o.id AND m.role <> 'billing_manager') AS seats_used
+         WHERE m.organization_id = o.id AND m.role <> 'billing_manager') AS seats_used,
+       (SELECT u.email FROM organization_memberships m JOIN users u ON u.id = m.user_id
+         WHERE m.organization_id = o.id AND m.role = 'owner'
+         ORDER BY m.created_at, m.user_id LIMIT 1) AS owner_email
 FROM organizations o
 WHERE o.id = $1::uuid
 """
@@ -139,19 +154,69 @@ def return_urls(config: Config, organization_id: str) -> dict[str, str]:
     return {"success_url": f"{page}?checkout=success", "cancel_url": f"{page}?checkout=cancelled"}
 
 
+def first_charge_at(facts: OrgFacts, now: float, trial_days: int) -> int | None:
+    """When a subscription bought now is first charged: the trial's end, if Stripe allows."""
+    ends_at = trial_end(facts, trial_days)
+    # Rounded up to Stripe's whole seconds: the subscription's trial must not end first.
+    return math.ceil(ends_at) if ends_at - now >= MIN_TRIAL_SECONDS else None
+
+
 def subscription_session_params(
-    config: Config, org: BillingOrg, customer_id: str, price_id: str, seats: int, cycle: str
+    config: Config,
+    org: BillingOrg,
+    customer_id: str,
+    price_id: str,
+    seats: int,
+    cycle: str,
+    trial_ends_at: int | None,
 ) -> dict[str, Any]:
     """A subscription-mode Checkout Session for `seats` seats of the org's plan."""
+    subscription_data: dict[str, Any] = {"metadata": {"organization_id": org.id, "plan": org.plan}}
+    if trial_ends_at is not None:
+        subscription_data["trial_end"] = trial_ends_at
     return {
         "mode": "subscription",
         "customer": customer_id,
         "client_reference_id": org.id,
         "line_items": [{"price": price_id, "quantity": seats}],
         "metadata": {"organization_id": org.id, "plan": org.plan, "billing_cycle": cycle},
-        "subscription_data": {"metadata": {"organization_id": org.id, "plan": org.plan}},
+        "subscription_data": subscription_data,
         **return_urls(config, org.id),
     }
+
+
+def refuse_second_subscription(facts: OrgFacts, now: float) -> None:
+    """409 `subscription_exists` while a subscription is live: it is changed, not doubled."""
+    live = [p for p in facts.purchases if is_live(p, now)]
+    if not live:
+        return
+    base = f"/api/organizations/{facts.organization_id}"
+    manage = {
+        "portal": f"POST {base}/billing/portal",
+        "subscription": f"GET {base}/subscription",
+        "seats": f"POST {base}/subscription/seats",
+    }
+    raise Conflict(
+        f"Your organization already has a subscription ({_describe(live[0])}); a second"
+        " one would charge you twice. Change the one you have instead: open the billing"
+        f" portal ({manage['portal']}), see it ({manage['subscription']}) or change its"
+        f" seats ({manage['seats']}).",
+        reason=Reason.SUBSCRIPTION_EXISTS,
+        metadata={
+            "subscription": {
+                "status": live[0].status,
+                "seat_count": live[0].seat_count,
+                "billing_cycle": live[0].billing_cycle,
+                "expires_at": iso_utc(live[0].expires_at),
+            },
+            "manage": manage,
+        },
+    )
+
+
+def _describe(purchase: Purchase) -> str:
+    seats = "1 seat" if purchase.seat_count == 1 else f"{purchase.seat_count} seats"
+    return f"{seats}, {purchase.billing_cycle}, {purchase.status.replace('_', ' ')}"
 
 
 def credits_session_params(
@@ -184,7 +249,10 @@ async def ensure_customer(app: web.Application, api: StripeApi, org: BillingOrg)
     """The organization's Stripe customer, created and stored on its first checkout."""
     if org.stripe_customer_id is not None:
         return org.stripe_customer_id
-    params = {"name": org.name, "metadata": {"organization_id": org.id}}
+    params: dict[str, Any] = {"name": org.name, "metadata": {"organization_id": org.id}}
+    if org.owner_email:
+        # Stripe sends receipts and the trial's end reminder to the customer's email.
+        params["email"] = org.owner_email
     # The same key for the same organization: a retry or a racing request gets this customer.
     customer_id = await api.create_customer(params, f"customer-{org.id}")
     timeout = app[CONFIG].database_query_timeout_seconds
@@ -210,10 +278,18 @@ async def subscription_checkout_handler(request: web.Request) -> web.Response:
     cycle = choice_field(body, "billing_cycle", BILLING_CYCLES, "yearly")
     check_billing_cycle(cycle, config)
     seats = parse_seats(body, org.seats_used)
+    timeout = config.database_query_timeout_seconds
+    facts = await run_query(request.app[POOL], timeout, fetch_org_facts, org.id)
+    if facts is None:
+        raise NotFound("No such organization.")
+    refuse_second_subscription(facts, now())
+    trial_ends_at = first_charge_at(facts, now(), config.trial_days)
     price_id = await api.price_id(config.catalog.price(org.plan, cycle).lookup_key)
     customer_id = await ensure_customer(request.app, api, org)
-    params = subscription_session_params(config, org, customer_id, price_id, seats, cycle)
-    parts: list[object] = [org.id, customer_id, org.plan, cycle, seats]
+    params = subscription_session_params(
+        config, org, customer_id, price_id, seats, cycle, trial_ends_at
+    )
+    parts: list[object] = [org.id, customer_id, org.plan, cycle, seats, trial_ends_at]
     key = idempotency_key("subscription", parts, client_idempotency_key(request), now())
     session = await api.create_checkout_session(params, key)
     return web.json_response({"url": session.url, "session_id": session.id})

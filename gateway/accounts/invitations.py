@@ -1,10 +1,11 @@
 """Seats: invite members (unlimited while trialing), accept an invitation, remove a member.
 
-After the trial an invitation needs a free seat: members who are not billing managers,
-plus pending invitations for such roles, plus this one, within the seats the current
-purchase pays for; else 409 `seats_exhausted` with the upgrade link. Accepting checks
-again (members only). Each change runs in one transaction holding the organization's
-row, so concurrent invitations cannot both take the last seat.
+After the trial, and from the first purchase on even during it, an invitation needs a
+free seat: members who are not billing managers, plus pending invitations for such roles,
+plus this one, within the seats the paying purchases pay for together; else 409
+`seats_exhausted` with the upgrade link. Accepting checks again (members only). Each
+change runs in one transaction holding the organization's row, so concurrent
+invitations cannot both take the last seat.
 
 The invitation token travels only in the email; the database keeps its SHA-256.
 """
@@ -61,9 +62,10 @@ RETURNING id::text, expires_at
 """
 _FIND_SQL = "SELECT organization_id::text FROM organization_invitations WHERE token_hash = $1"
 _OPEN_SQL = """
-SELECT id::text, organization_id::text, email, role, expires_at <= now() AS expired
+SELECT id::text, organization_id::text, email, role, expires_at <= now() AS expired,
+       revoked_at IS NOT NULL AS revoked
 FROM organization_invitations
-WHERE token_hash = $1 AND accepted_at IS NULL AND revoked_at IS NULL
+WHERE token_hash = $1 AND accepted_at IS NULL
 FOR UPDATE
 """
 _ACCEPTED_SQL = """
@@ -105,13 +107,11 @@ async def ensure_seat(
     open_seats = await count_pending_invitations(conn, organization_id, billing_managers=False)
     taken = facts.seats_used + (open_seats if pending else 0)
     purchased = purchased_seats(facts, now)
-    unlimited = seats_unlimited(decide(facts, now, config.trial_days))
+    unlimited = seats_unlimited(facts, decide(facts, now, config.trial_days), now)
     if has_seat_for(role, unlimited=unlimited, taken=taken, purchased=purchased):
         return
     raise Conflict(
-        f"No seat is free: your organization pays for {_count(purchased, 'seat')} and has"
-        f" {_count(facts.seats_used, 'member')} and {_count(open_seats, 'pending invitation')}."
-        " Buy more seats on the billing page, or remove members or invitations.",
+        _no_seat_message(purchased, facts.seats_used, open_seats, inviting=pending),
         reason=Reason.SEATS_EXHAUSTED,
         metadata={
             "upgrade_url": billing_url(config.app_url, organization_id),
@@ -119,6 +119,22 @@ async def ensure_seat(
             "seats_purchased": purchased,
             "pending_invitations": open_seats,
         },
+    )
+
+
+def _no_seat_message(purchased: int, members: int, open_seats: int, *, inviting: bool) -> str:
+    """Said to the owner inviting, or to the invitee accepting, who can change nothing."""
+    if not inviting:  # accepting counts members only, pending invitations are no obstacle
+        return (
+            f"No seat is free for you: the organization pays for {_count(purchased, 'seat')}"
+            f" and has {_count(members, 'member')}. An owner or billing manager of the"
+            " organization must buy more seats, or an owner must remove a member; then"
+            " accept this invitation again."
+        )
+    return (
+        f"No seat is free: your organization pays for {_count(purchased, 'seat')} and has"
+        f" {_count(members, 'member')} and {_count(open_seats, 'pending invitation')}."
+        " Buy more seats on the billing page, or remove members or revoke pending invitations."
     )
 
 
@@ -185,11 +201,14 @@ async def invite_handler(request: web.Request) -> web.Response:
     return web.json_response({"invitation": invitation}, status=201)
 
 
-def _not_found() -> NotFound:
-    return NotFound(
-        "This invitation does not exist, was replaced by a newer one, or was already used.",
-        reason=Reason.INVITATION_NOT_FOUND,
+def _not_found(*, revoked: bool = False) -> NotFound:
+    message = (
+        "This invitation was revoked by an owner of the organization, or replaced by a newer"
+        " one; ask an owner for a new invitation."
+        if revoked
+        else "This invitation does not exist, was replaced by a newer one, or was already used."
     )
+    return NotFound(message, reason=Reason.INVITATION_NOT_FOUND)
 
 
 async def accept_invitation(
@@ -202,8 +221,8 @@ async def accept_invitation(
         if organization_id is None or await lock_organization(conn, organization_id) is None:
             raise _not_found()
         invitation = await conn.fetchrow(_OPEN_SQL, token_hash)
-        if invitation is None:
-            raise _not_found()
+        if invitation is None or invitation["revoked"]:
+            raise _not_found(revoked=invitation is not None)
         await _check_acceptable(conn, invitation, user_id)
         await ensure_seat(conn, organization_id, invitation["role"], config, pending=False)
         joined = await conn.fetchval(_JOIN_SQL, organization_id, user_id, invitation["role"])

@@ -6,11 +6,17 @@ verdict on those facts, never a second copy of the rule.
 
 The call to action grows louder as the trial ends, by whole days left (floored):
 
-    paying or exempt (require_seats = false)      none
-    access refused (trial over and not paying)    blocking
-    8 days or more left                            info
-    4 to 7 days left                               warning
-    0 to 3 days left                               urgent
+    exempt (require_seats = false)                      none
+    access refused (trial over and not paying)          blocking
+    paying, enough seats                                none
+    paid during the trial, more members than seats      warning, urgent from 3 days left
+    8 days or more left                                 info
+    4 to 7 days left                                    warning
+    0 to 3 days left                                    urgent
+
+Seats are unlimited only during a trial nothing was bought in, and for exempt
+organizations: from the first purchase on, its seats (all paying subscriptions' added
+up) cap invitations, though the proxy stays open until the trial ends.
 
 Trial reminder emails follow the same days: `7_days` from 7 days left, `3_days` from 3,
 `1_day` from 1, `expired` in the week after the trial ends; only the latest one due is
@@ -28,11 +34,14 @@ from gateway.access.refusals import balance_usd, billing_url, iso_utc, refusal_m
 from gateway.access.rule import (
     SECONDS_PER_DAY,
     OrgFacts,
+    Purchase,
     Reason,
     Standing,
     Verdict,
     decide,
-    is_paying,
+    is_live,
+    paid_seats,
+    paying_purchases,
     trial_end,
 )
 from gateway.plans import Catalog
@@ -80,21 +89,27 @@ def trial_stage(trial_ends_at: float, now: float) -> str:
 
 
 def has_paying_purchase(facts: OrgFacts, now: float) -> bool:
-    """True when the organization's current purchase is paid for and covers `now`."""
-    return facts.purchase is not None and is_paying(facts.purchase, now)
+    """True when one of the organization's purchases is paid for and covers `now`."""
+    return bool(paying_purchases(facts, now))
 
 
 def purchased_seats(facts: OrgFacts, now: float) -> int:
-    """Seats the current purchase pays for now (0 without a paying purchase)."""
-    purchase = facts.purchase
-    if purchase is None or not is_paying(purchase, now):
+    """Seats the paying purchases pay for now, added up (0 without one)."""
+    return paid_seats(facts, now)
+
+
+def seats_unlimited(facts: OrgFacts, verdict: Verdict, now: float) -> bool:
+    """True while members are not counted: exempt, or trialing with nothing bought yet."""
+    if not facts.require_seats:
+        return True
+    return verdict.trialing and not has_paying_purchase(facts, now)
+
+
+def seats_short(facts: OrgFacts, verdict: Verdict, now: float) -> int:
+    """How many more members there are than seats bought (0 when unlimited or enough)."""
+    if seats_unlimited(facts, verdict, now):
         return 0
-    return purchase.seat_count
-
-
-def seats_unlimited(verdict: Verdict) -> bool:
-    """True while members are not counted: during the trial, and for exempt organizations."""
-    return verdict.standing in (Standing.TRIALING, Standing.EXEMPT)
+    return max(0, facts.seats_used - paid_seats(facts, now))
 
 
 def has_seat_for(role: str, *, unlimited: bool, taken: int, purchased: int) -> bool:
@@ -107,11 +122,13 @@ def call_to_action_level(facts: OrgFacts, verdict: Verdict, now: float) -> Level
     """How loudly to ask for an upgrade, given the verdict on `facts` at `now`."""
     if not verdict.allowed:
         return Level.BLOCKING
-    if not facts.require_seats or has_paying_purchase(facts, now):
-        return Level.NONE
-    if verdict.standing is not Standing.TRIALING:
+    if not facts.require_seats or verdict.standing is not Standing.TRIALING:
         return Level.NONE
     days = days_remaining(verdict.trial_ends_at, now)
+    if has_paying_purchase(facts, now):
+        if not seats_short(facts, verdict, now):
+            return Level.NONE
+        return Level.WARNING if days > URGENT_DAYS else Level.URGENT
     if days > WARNING_DAYS:
         return Level.INFO
     return Level.WARNING if days > URGENT_DAYS else Level.URGENT
@@ -179,6 +196,14 @@ def _texts(
         assert verdict.reason is not None
         balance = balance_usd(facts.balance_microdollars)
         return _BLOCKING_TITLES[verdict.reason], refusal_message(facts, verdict, balance, link)
+    if level is not Level.NONE and has_paying_purchase(facts, now):
+        purchased = paid_seats(facts, now)
+        return _BLOCKING_TITLES[Reason.SEATS_EXCEEDED], (
+            f"Your organization has {_count(facts.seats_used, 'member')} but pays for"
+            f" {_count(purchased, 'seat')}. At {ends}, when the free trial ends, Kilo Code"
+            " stops working for every member unless an owner or billing manager buys more"
+            " seats on the billing page or an owner removes members."
+        )
     if level is Level.URGENT:
         title = "Your free trial ends today" if days == 0 else f"Only {_days(days)} left"
         return title, (
@@ -206,6 +231,10 @@ def _days(n: int) -> str:
     return "1 day" if n == 1 else f"{n} days"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def organization_status(
     facts: OrgFacts,
     now: float,
@@ -231,10 +260,11 @@ def organization_status(
         "seats": {
             "used": facts.seats_used,
             "purchased": purchased_seats(facts, now),
-            "unlimited": seats_unlimited(verdict),
+            "unlimited": seats_unlimited(facts, verdict, now),
+            "short": seats_short(facts, verdict, now),
             "pending_invitations": pending_invitations,
         },
-        "subscription": _subscription(facts),
+        "subscription": _subscription(facts, now),
         "credits": {
             "balance_usd": balance_usd(facts.balance_microdollars),
             "locked": not verdict.allowed,
@@ -249,15 +279,22 @@ def organization_status(
     }
 
 
-def _subscription(facts: OrgFacts) -> dict[str, Any] | None:
-    purchase = facts.purchase
-    if purchase is None:
-        return None
+def _subscription(facts: OrgFacts, now: float) -> dict[str, Any] | None:
+    """The newest live subscription, else the newest one (seats count them all)."""
+    live = [p for p in facts.purchases if is_live(p, now)]
+    shown = live or list(facts.purchases)
+    return _purchase(shown[0]) if shown else None
+
+
+def _purchase(purchase: Purchase) -> dict[str, Any]:
+    trialing = purchase.stripe_status == "trialing"
     return {
         "status": purchase.status,
         "billing_cycle": purchase.billing_cycle,
         "seat_count": purchase.seat_count,
         "expires_at": iso_utc(purchase.expires_at),
+        # Paid during the trial: Stripe charges first when the trial ends (expires_at).
+        "first_charge_at": iso_utc(purchase.expires_at) if trialing else None,
     }
 
 

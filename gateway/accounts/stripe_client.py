@@ -1,6 +1,10 @@
 """Talking to Stripe: one client per process, the calls the gateway makes, webhook
 signature checks, and the one place where Stripe's exceptions become ours.
 
+Every request names the API version the gateway was written against (`STRIPE_API_VERSION`),
+never the installed library's default, so upgrading the library cannot change the shape
+of what Stripe answers; the webhook endpoint is created with the same version.
+
 Every call is async (`*_async` over aiohttp), so the event loop is never blocked, and
 retried by the library on network errors and 5xx (`max_network_retries`). A Stripe
 failure reaches the caller as 502 `billing_provider_error`; the message never carries
@@ -24,6 +28,8 @@ from gateway.errors import BadRequest, BillingProviderError, BillingUnavailable,
 
 log = structlog.get_logger("gateway.stripe")
 
+# The API version of every request, and of the webhook endpoint (README, "Stripe").
+STRIPE_API_VERSION = "2026-10-28.endive"
 MAX_NETWORK_RETRIES = 2
 STRIPE_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
 # Price ids move only when stripe-setup moves a lookup key; an hour bounds the staleness.
@@ -157,6 +163,7 @@ def new_stripe_api(config: Config) -> StripeApi:
     http_client = stripe.AIOHTTPClient(timeout=STRIPE_TIMEOUT)
     client = stripe.StripeClient(
         config.stripe_secret_key,
+        stripe_version=STRIPE_API_VERSION,
         base_addresses={"api": config.stripe_api_base},
         http_client=http_client,
         max_network_retries=MAX_NETWORK_RETRIES,

@@ -1,10 +1,17 @@
 """A Stripe subscription becomes a seats purchase: the pure mapping and its named queries.
 
-Stripe delivers events late, more than once and out of order. The newest event applied
-to each subscription is kept in `stripe_subscriptions`; an older event changes nothing.
-Otherwise a new `organization_seats_purchases` row records the state (the current
-purchase is an organization's newest row), and its NOTIFY makes every gateway re-read
-the organization within a second.
+Stripe delivers events late, more than once, out of order and several in one second, so
+an event's own copy of the subscription is never trusted: the webhook reads the
+subscription back from Stripe and writes that state (`webhooks.py`). Each subscription's
+newest `organization_seats_purchases` row is its state now; an organization may have
+several, and the rule adds up the seats of those that pay. A row is written only when
+the state changed, and its NOTIFY makes every gateway re-read the organization.
+
+Two reads of one subscription can race (two events at once). `stripe_subscriptions.version`
+counts the states written: the webhook reads it before asking Stripe, and a write
+succeeds only if it is unchanged, else `ConcurrentUpdate` and the webhook reads again.
+A state written is thus never older than one written before it; a state equal to the
+newest row writes nothing and needs no such check.
 
     Stripe status                                   purchase status
     active, trialing                                active
@@ -12,25 +19,33 @@ the organization within a second.
     past_due                                        past_due
     canceled, unpaid, incomplete(_expired), paused  ended
 
-Seats are the quantity of the seat item (the item whose price is one of the catalog's,
-else the first); the cycle is `yearly` for a yearly price, else `monthly`; the period is
-the item's current period (the subscription's, in API versions before 2025-03).
+Only items priced from our catalog sell seats (a price whose lookup key is one of
+`config/plans.toml`, or that `stripe-setup` marked with `kilo_plan`): their quantities add
+up. A subscription with none grants nothing; if it granted seats before, it is ended.
+The cycle is `yearly` for a yearly price, else `monthly`; the period is the seat item's
+(the subscription's, in API versions before 2025-03); a trialing subscription's period
+ends at its trial's end, when Stripe charges for the first time.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
+
 from gateway.access.queries import Queryable
-from gateway.access.rule import PAYING_STATUSES, Purchase, is_paying
+from gateway.accounts.stripe_setup import PLAN_METADATA_KEY
 from gateway.plans import Catalog
 
 GRANTING_STATUSES = frozenset({"active", "trialing"})
+
+
+class ConcurrentUpdate(Exception):
+    """Another state of the subscription was applied after this one was read from Stripe."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,6 +61,7 @@ class SubscriptionState:
     billing_cycle: str
     starts_at: datetime
     expires_at: datetime
+    grants_seats: bool = True  # False: none of its prices is ours
 
 
 def object_id(value: Any) -> str | None:
@@ -74,18 +90,28 @@ def purchase_status(stripe_status: str, cancel_at_period_end: bool, cancel_at: A
     return "ended"
 
 
-def seat_item(subscription: Mapping[str, Any], catalog: Catalog) -> Mapping[str, Any]:
-    """The subscription item that sells seats; {} when it has no items."""
-    items = (subscription.get("items") or {}).get("data") or []
-    for item in items:
-        if catalog.by_lookup_key((item.get("price") or {}).get("lookup_key") or "") is not None:
-            return dict(item)
-    return dict(items[0]) if items else {}
+def is_catalog_price(price: Mapping[str, Any], catalog: Catalog) -> bool:
+    """True for a price of ours: a catalog lookup key, or stripe-setup's `kilo_plan` mark."""
+    if catalog.by_lookup_key(price.get("lookup_key") or "") is not None:
+        return True
+    return (price.get("metadata") or {}).get(PLAN_METADATA_KEY) in catalog.plans
+
+
+def subscription_items(subscription: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The subscription's items."""
+    return [dict(item) for item in (subscription.get("items") or {}).get("data") or []]
+
+
+def seat_items(subscription: Mapping[str, Any], catalog: Catalog) -> list[dict[str, Any]]:
+    """The items that sell seats: those priced from the catalog."""
+    items = subscription_items(subscription)
+    return [item for item in items if is_catalog_price(item.get("price") or {}, catalog)]
 
 
 def subscription_state(subscription: Mapping[str, Any], catalog: Catalog) -> SubscriptionState:
     """The purchase a Stripe subscription object stands for; ValueError when it has no period."""
-    item = seat_item(subscription, catalog)
+    seats = seat_items(subscription, catalog)
+    item = (seats or subscription_items(subscription) or [{}])[0]
     price = item.get("price") or {}
     start = item.get("current_period_start", subscription.get("current_period_start"))
     end = item.get("current_period_end", subscription.get("current_period_end"))
@@ -104,12 +130,13 @@ def subscription_state(subscription: Mapping[str, Any], catalog: Catalog) -> Sub
         organization_id=canonical_uuid((subscription.get("metadata") or {}).get("organization_id")),
         stripe_status=stripe_status,
         status=status,
-        seat_count=max(int(item.get("quantity") or 0), 0),
+        seat_count=sum(max(int(i.get("quantity") or 0), 0) for i in seats),
         billing_cycle="yearly"
         if (price.get("recurring") or {}).get("interval") == "year"
         else "monthly",
         starts_at=datetime.fromtimestamp(start, UTC),
         expires_at=datetime.fromtimestamp(end, UTC),
+        grants_seats=bool(seats),
     )
 
 
@@ -117,23 +144,27 @@ _ORG_EXISTS_SQL = "SELECT id::text FROM organizations WHERE id = $1::uuid"
 _ORG_BY_CUSTOMER_SQL = """
 SELECT id::text FROM organizations WHERE stripe_customer_id = $1 ORDER BY created_at LIMIT 1
 """
-# Takes the subscription's row lock, so deliveries for one subscription apply one at a time;
-# returns no row when a newer event was already applied.
-_ADVANCE_CLOCK_SQL = """
-INSERT INTO stripe_subscriptions (subscription_id, organization_id, last_event_created_at, status)
-VALUES ($1, $2::uuid, $3, $4)
+_VERSION_SQL = "SELECT version FROM stripe_subscriptions WHERE subscription_id = $1"
+# Takes the subscription's row lock, so writes of one subscription apply one at a time;
+# returns no row when the version moved since it was read ($5, NULL: there was no row).
+_CLAIM_SQL = """
+INSERT INTO stripe_subscriptions
+    (subscription_id, organization_id, last_event_created_at, status, version)
+VALUES ($1, $2::uuid, $3, $4, 1)
 ON CONFLICT (subscription_id) DO UPDATE
 SET organization_id = EXCLUDED.organization_id,
-    last_event_created_at = EXCLUDED.last_event_created_at,
+    last_event_created_at = greatest(stripe_subscriptions.last_event_created_at,
+                                     EXCLUDED.last_event_created_at),
     status = EXCLUDED.status,
+    version = stripe_subscriptions.version + 1,
     updated_at = now()
-WHERE stripe_subscriptions.last_event_created_at <= EXCLUDED.last_event_created_at
-RETURNING subscription_id
+WHERE stripe_subscriptions.version IS NOT DISTINCT FROM $5::bigint
+RETURNING version
 """
-_CURRENT_PURCHASE_SQL = """
-SELECT subscription_stripe_id, subscription_status, seat_count, starts_at, expires_at
+_LATEST_SQL = """
+SELECT subscription_status, seat_count, billing_cycle, starts_at, expires_at, stripe_status
 FROM organization_seats_purchases
-WHERE organization_id = $1::uuid
+WHERE organization_id = $1::uuid AND subscription_stripe_id = $2
 ORDER BY created_at DESC, id DESC
 LIMIT 1
 """
@@ -141,8 +172,9 @@ LIMIT 1
 # write the newest row, though it began before the one it waited for.
 _INSERT_PURCHASE_SQL = """
 INSERT INTO organization_seats_purchases (organization_id, subscription_stripe_id, seat_count,
-    subscription_status, billing_cycle, starts_at, expires_at, idempotency_key, created_at)
-VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, clock_timestamp())
+    subscription_status, billing_cycle, starts_at, expires_at, idempotency_key, stripe_status,
+    created_at)
+VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, clock_timestamp())
 ON CONFLICT (idempotency_key) DO NOTHING
 """
 
@@ -160,34 +192,47 @@ async def find_organization(
     return found
 
 
-async def advance_clock(
-    conn: Queryable, state: SubscriptionState, organization_id: str, event_created: datetime
-) -> bool:
-    """Record the event as the subscription's newest; False when a newer one was applied."""
-    row = await conn.fetchval(
-        _ADVANCE_CLOCK_SQL,
-        state.subscription_id,
-        organization_id,
-        event_created,
+async def subscription_version(conn: Queryable, subscription_id: str) -> int | None:
+    """How many states of the subscription were applied; None before the first."""
+    version: int | None = await conn.fetchval(_VERSION_SQL, subscription_id)
+    return version
+
+
+async def claim_version(
+    conn: Queryable,
+    state: SubscriptionState,
+    organization_id: str,
+    event_created: datetime,
+    read_version: int | None,
+) -> None:
+    """Count this state as the next one applied; `ConcurrentUpdate` if another came first."""
+    args = (state.subscription_id, organization_id, event_created, state.stripe_status)
+    if await conn.fetchval(_CLAIM_SQL, *args, read_version) is None:
+        raise ConcurrentUpdate(state.subscription_id)
+
+
+def _row_state(state: SubscriptionState) -> tuple[Any, ...]:
+    """The state as `_LATEST_SQL` reads a row back, to tell whether anything changed."""
+    return (
+        state.status,
+        state.seat_count,
+        state.billing_cycle,
+        state.starts_at,
+        state.expires_at,
         state.stripe_status,
     )
-    return row is not None
 
 
-async def another_subscription_pays(
-    conn: Queryable, state: SubscriptionState, organization_id: str
-) -> bool:
-    """True when the current purchase is another subscription's and still paying now."""
-    row = await conn.fetchrow(_CURRENT_PURCHASE_SQL, organization_id)
-    if row is None or row["subscription_stripe_id"] == state.subscription_id:
-        return False
-    current = Purchase(
-        status=row["subscription_status"],
-        seat_count=row["seat_count"],
-        starts_at=row["starts_at"].timestamp(),
-        expires_at=row["expires_at"].timestamp(),
+def _ended(latest: asyncpg.Record, state: SubscriptionState, now: datetime) -> SubscriptionState:
+    """The subscription's last purchase, ended now: it no longer sells our seats."""
+    return dataclasses.replace(
+        state,
+        status="ended",
+        seat_count=latest["seat_count"],
+        billing_cycle=latest["billing_cycle"],
+        starts_at=latest["starts_at"],
+        expires_at=max(latest["starts_at"], min(latest["expires_at"], now)),
     )
-    return is_paying(current, time.time())
 
 
 async def apply_subscription(
@@ -196,23 +241,32 @@ async def apply_subscription(
     *,
     event_id: str,
     event_created: datetime,
+    read_version: int | None,
     fallback_organization_id: str | None = None,
 ) -> str:
-    """Write the purchase the subscription stands for, unless a newer event already did.
+    """Write the subscription's state if it changed, in the caller's transaction.
 
-    Returns what happened: applied, stale, unmatched (no organization found) or
-    kept_current (an ended subscription never replaces another one that still pays).
+    `read_version` is `subscription_version` as read before the state was fetched.
+    Returns what happened: applied, unchanged, unmatched (no organization found),
+    not_ours (no price of ours: nothing granted) or not_ours_ended (it granted seats
+    before, and no longer does).
     """
     candidates = [state.organization_id, fallback_organization_id]
     organization_id = await find_organization(conn, candidates, state.customer_id)
     if organization_id is None:
         return "unmatched"
-    if not await advance_clock(conn, state, organization_id, event_created):
-        return "stale"
-    if state.status not in PAYING_STATUSES and await another_subscription_pays(
-        conn, state, organization_id
-    ):
-        return "kept_current"
+    latest = await conn.fetchrow(_LATEST_SQL, organization_id, state.subscription_id)
+    outcome = "applied"
+    if not state.grants_seats:
+        if latest is None or latest["subscription_status"] == "ended":
+            return "not_ours"
+        state, outcome = _ended(latest, state, datetime.now(UTC)), "not_ours_ended"
+    if latest is not None and tuple(latest) == _row_state(state):
+        # Nothing to write, so nothing to order: a read older than the row changes nothing.
+        return "unchanged"
+    # Only now, holding the row lock: no state was written since this one was read from
+    # Stripe, so `latest` is still the newest row too.
+    await claim_version(conn, state, organization_id, event_created, read_version)
     await conn.execute(
         _INSERT_PURCHASE_SQL,
         organization_id,
@@ -223,5 +277,6 @@ async def apply_subscription(
         state.starts_at,
         state.expires_at,
         event_id,
+        state.stripe_status,
     )
-    return "applied"
+    return outcome

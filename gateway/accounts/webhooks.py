@@ -3,20 +3,25 @@
 1. The raw body is verified against `Stripe-Signature` with `STRIPE_WEBHOOK_SECRET` by
    the stripe library: a forged, stale (older than 300 s) or missing signature is 400
    `invalid_signature`, and nothing is written.
-2. A subscription the event only names (behind a checkout or an invoice) is read from
-   Stripe first, outside any transaction.
+2. The subscription behind any subscription event (`customer.subscription.*`, a
+   subscription-mode `checkout.session.completed`, `invoice.paid`,
+   `invoice.payment_failed`) is read from Stripe, outside any transaction: its state now,
+   never the event's copy, so the order events arrive in and their whole-second
+   timestamps do not matter.
 3. One transaction records the event id, once (a redelivery is answered
    `{"received": true, "duplicate": true}`), and applies the event:
-   - `customer.subscription.created|updated|deleted`: the subscription in the event
-     becomes a seats purchase (`stripe_subscriptions.py`), unless a newer event already
-     wrote one;
-   - `checkout.session.completed` in subscription mode, `invoice.paid` and
-     `invoice.payment_failed`: the same, with the subscription as Stripe has it now;
+   - a subscription event: the subscription's state becomes its seats purchase
+     (`stripe_subscriptions.py`) when it changed. If another delivery applied a state of
+     the same subscription meanwhile, the transaction is undone and the subscription read
+     again (`ConcurrentUpdate`), at most `SYNC_ATTEMPTS` times. A subscription with no
+     price of ours grants nothing and is logged at warning;
    - a paid credits checkout (`checkout.session.completed`, or
      `checkout.session.async_payment_succeeded` for delayed payment methods): one ledger
      row per payment intent, however often it is delivered;
    - any other type is only recorded.
-4. An unexpected failure is a 500 and rolls everything back, the event id included, so
+4. Events are expected in `STRIPE_API_VERSION`, the webhook endpoint's version; another
+   is logged at warning (only ids are read from an event, the rest from Stripe).
+5. An unexpected failure is a 500 and rolls everything back, the event id included, so
    Stripe's retry starts clean.
 """
 
@@ -31,16 +36,24 @@ import structlog
 from aiohttp import web
 
 from gateway.access.queries import Queryable
-from gateway.accounts.stripe_client import StripeApi, require_stripe, verify_webhook
+from gateway.accounts.stripe_client import (
+    STRIPE_API_VERSION,
+    StripeApi,
+    require_stripe,
+    verify_webhook,
+)
 from gateway.accounts.stripe_subscriptions import (
+    ConcurrentUpdate,
     apply_subscription,
     canonical_uuid,
     object_id,
+    subscription_items,
     subscription_state,
+    subscription_version,
 )
 from gateway.common.money import MICRODOLLARS_PER_USD
 from gateway.config import CONFIG, Config
-from gateway.errors import BadRequest, BillingUnavailable, Reason
+from gateway.errors import BadRequest, BillingUnavailable, InternalError, Reason
 from gateway.plans import Catalog
 from gateway.platform.database import POOL, run_query
 
@@ -58,6 +71,10 @@ INVOICE_EVENTS = frozenset({"invoice.paid", "invoice.payment_failed"})
 CHECKOUT_COMPLETED = "checkout.session.completed"
 CREDIT_EVENTS = frozenset({CHECKOUT_COMPLETED, "checkout.session.async_payment_succeeded"})
 DUPLICATE = "duplicate"
+NOT_OURS = frozenset({"not_ours", "not_ours_ended"})
+# Reads of one subscription racing each other: each lost race means another state was
+# written meanwhile, so a handful of attempts always suffices but under a storm.
+SYNC_ATTEMPTS = 5
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -99,8 +116,10 @@ def parse_event(raw: dict[str, Any]) -> Event:
 
 
 def related_subscription_id(event: Event) -> str | None:
-    """The subscription an event names but does not carry, to be read from Stripe."""
+    """The subscription behind an event, to be read from Stripe; None for other events."""
     obj = event.object
+    if event.type in SUBSCRIPTION_EVENTS:
+        return object_id(obj)
     if event.type == CHECKOUT_COMPLETED and obj.get("mode") == "subscription":
         return object_id(obj.get("subscription"))
     if event.type in INVOICE_EVENTS:
@@ -171,16 +190,22 @@ async def credit_ledger(conn: Queryable, payment: CreditPayment) -> str:
     return "credited" if row is not None else "not_credited"
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReadBack:
+    """A subscription as Stripe had it, and its `stripe_subscriptions.version` before that."""
+
+    subscription: dict[str, Any]
+    version: int | None
+
+
 async def apply_event(
-    conn: Queryable, event: Event, subscription: dict[str, Any] | None, catalog: Catalog
+    conn: Queryable, event: Event, read_back: ReadBack | None, catalog: Catalog
 ) -> str:
     """Apply one event (already recorded) in the caller's transaction; returns the outcome."""
     payment = credit_payment(event)
     if payment is not None:
         return await credit_ledger(conn, payment)
-    if event.type in SUBSCRIPTION_EVENTS:
-        subscription = event.object
-    if subscription is None:
+    if read_back is None:
         return "recorded"
     fallback = None
     if event.type == CHECKOUT_COMPLETED:
@@ -190,21 +215,22 @@ async def apply_event(
         )
     return await apply_subscription(
         conn,
-        subscription_state(subscription, catalog),
+        subscription_state(read_back.subscription, catalog),
         event_id=event.id,
         event_created=event.created,
+        read_version=read_back.version,
         fallback_organization_id=fallback,
     )
 
 
 async def record_and_apply(
-    conn: asyncpg.Connection, event: Event, subscription: dict[str, Any] | None, catalog: Catalog
+    conn: asyncpg.Connection, event: Event, read_back: ReadBack | None, catalog: Catalog
 ) -> str:
     """Record and apply the event in one transaction; `duplicate` when it was seen before."""
     async with conn.transaction():
         if not await record_event(conn, event):
             return DUPLICATE
-        return await apply_event(conn, event, subscription, catalog)
+        return await apply_event(conn, event, read_back, catalog)
 
 
 def webhook_secret(config: Config) -> str:
@@ -216,10 +242,53 @@ def webhook_secret(config: Config) -> str:
     return config.stripe_webhook_secret
 
 
-async def fetch_subscription(api: StripeApi, event: Event) -> dict[str, Any] | None:
-    """The subscription the event names, as Stripe has it now; None when it names none."""
-    subscription_id = related_subscription_id(event)
-    return None if subscription_id is None else await api.retrieve_subscription(subscription_id)
+async def receive(app: web.Application, api: StripeApi, event: Event) -> str:
+    """Record and apply an event not seen before, reading its subscription from Stripe."""
+    config = app[CONFIG]
+    pool, timeout = app[POOL], config.database_query_timeout_seconds
+    subscription_id = None if credit_payment(event) else related_subscription_id(event)
+    if subscription_id is None:
+        return await run_query(pool, timeout, record_and_apply, event, None, config.catalog)
+    for _attempt in range(SYNC_ATTEMPTS):
+        # Read before Stripe is: a state another delivery writes after this point may be
+        # newer than the one fetched below, which is then not written (ConcurrentUpdate).
+        version = await run_query(pool, timeout, subscription_version, subscription_id)
+        read_back = ReadBack(await api.retrieve_subscription(subscription_id), version)
+        try:
+            outcome = await run_query(
+                pool, timeout, record_and_apply, event, read_back, config.catalog
+            )
+        except ConcurrentUpdate:
+            log.info("stripe_subscription_read_again", subscription_id=subscription_id)
+            continue
+        if outcome in NOT_OURS:
+            warn_not_ours(event, read_back.subscription, outcome)
+        return outcome
+    # Stripe retries the event later, when the storm of updates has passed.
+    raise InternalError("The subscription kept changing while it was applied; retry later.")
+
+
+def warn_not_ours(event: Event, subscription: dict[str, Any], outcome: str) -> None:
+    """A subscription none of whose prices is ours grants nothing: say so, once per event."""
+    prices = [item.get("price") or {} for item in subscription_items(subscription)]
+    log.warning(
+        "stripe_subscription_not_ours",
+        event_id=event.id,
+        subscription_id=subscription.get("id"),
+        outcome=outcome,
+        prices=[{"id": p.get("id"), "lookup_key": p.get("lookup_key")} for p in prices],
+    )
+
+
+def check_api_version(raw: dict[str, Any]) -> None:
+    """Warn when the webhook endpoint sends events in another API version than ours."""
+    version = raw.get("api_version")
+    if version is not None and version != STRIPE_API_VERSION:
+        log.warning(
+            "stripe_event_api_version_differs",
+            event_api_version=version,
+            expected=STRIPE_API_VERSION,
+        )
 
 
 async def webhook_handler(request: web.Request) -> web.Response:
@@ -229,14 +298,12 @@ async def webhook_handler(request: web.Request) -> web.Response:
     secret = webhook_secret(config)
     raw = verify_webhook(await request.read(), request.headers.get(SIGNATURE_HEADER), secret)
     event = parse_event(raw)
+    check_api_version(raw)
     pool, timeout = request.app[POOL], config.database_query_timeout_seconds
     if await run_query(pool, timeout, is_recorded, event.id):
         outcome = DUPLICATE
     else:
-        subscription = await fetch_subscription(api, event)
-        outcome = await run_query(
-            pool, timeout, record_and_apply, event, subscription, config.catalog
-        )
+        outcome = await receive(request.app, api, event)
     log.info("stripe_event", event_id=event.id, event_type=event.type, outcome=outcome)
     if outcome == DUPLICATE:
         return web.json_response({"received": True, "duplicate": True})
