@@ -25,16 +25,19 @@ SHIPPED = {"gateway.config_files": "config", "gateway.sql": "sql"}
 def shipped_dir(package: str) -> Path:
     """The directory of `package`, one of SHIPPED, in this installation.
 
-    A wheel install has it inside the package; an editable install maps it to the
-    checkout's directory (setuptools' finder), which is also where it is when running
-    from a checkout, or from an editable install made before the mapping existed. Not
-    `importlib.resources.files`: on Python 3.11 it fails for these directory-only
-    (namespace) packages in an editable install (python/importlib_resources#311).
+    Running from a checkout, it is the checkout's own directory. A wheel install has it
+    inside the package; an editable install maps it to the directory of the checkout it
+    was made from (setuptools' finder). Not `importlib.resources.files`: on Python 3.11
+    it fails for these directory-only (namespace) packages in an editable install
+    (python/importlib_resources#311).
     """
-    spec = importlib.util.find_spec(package)
-    found = [Path(p) for p in spec.submodule_search_locations or []] if spec else []
+    found: list[Path] = []
     if (PROJECT_ROOT / "pyproject.toml").is_file():  # a checkout, not site-packages
+        # First: an editable install maps to the checkout it was made from, which need
+        # not be this one (a second worktree, the bench's --baseline-tree).
         found.append(PROJECT_ROOT / SHIPPED[package])
+    spec = importlib.util.find_spec(package)
+    found += [Path(p) for p in spec.submodule_search_locations or []] if spec else []
     for path in found:
         if path.is_dir():
             return path
