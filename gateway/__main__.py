@@ -79,7 +79,10 @@ def _stripe_setup(config: gateway_config.Config) -> int:
         return 1
     for line in report.lines:
         print(line)
-    print(f"stripe-setup: {report.created} created, {report.mismatched} differing from config")
+    print(
+        f"stripe-setup: {report.created} created, {report.updated} updated, "
+        f"{report.mismatched} differing from config"
+    )
     return 1 if report.mismatched else 0
 
 

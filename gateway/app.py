@@ -24,6 +24,7 @@ from gateway.accounts import checkout as billing
 from gateway.accounts import (
     invitations,
     mailer,
+    management,
     organizations,
     pending_invitations,
     profile,
@@ -79,7 +80,7 @@ def create_app(config: Config) -> web.Application:
     # What the Kilo clients ask besides the proxy, and the billing side: each module
     # registers its own routes, resources and background tasks.
     clients = (listings, profile)
-    accounts = (organizations, invitations, pending_invitations, billing, webhooks)
+    accounts = (organizations, invitations, pending_invitations, billing, management, webhooks)
     for module in (*clients, *accounts, mailer, reminders):
         module.setup(app)
     return app

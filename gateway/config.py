@@ -1,11 +1,10 @@
 """Configuration: built once at start from the environment over `config/defaults.toml`.
 
 Every setting is an environment variable, declared once, as a field of `Config` with
-`setting(...)`: its variable, type (the parser) and bounds. Its default is in
-`config/defaults.toml` and nowhere else: a setting without one there is required, or None
-when unset. What each one means is README.md's configuration table, which
-tests/test_settings_table.py checks against both. A bad value fails at start with a
-`ConfigError` that names the variable, never later on a request.
+`setting(...)`: its variable, type (the parser) and bounds. Its default is in `config/defaults.toml`
+and nowhere else: a setting without one there is required, or None when unset. What each
+one means is README.md's configuration table, which tests/test_settings_table.py checks
+against both. A bad value fails at start with a `ConfigError` naming the variable.
 """
 
 from __future__ import annotations
@@ -209,6 +208,7 @@ class Config:
     port: int = setting("GATEWAY_PORT", whole, low=0, high=65535)
     app_url: str = setting("APP_URL", http_url)
     trial_days: int = setting("TRIAL_DAYS", whole, low=0, high=3650)
+    past_due_grace_days: int = setting("PAST_DUE_GRACE_DAYS", whole, low=0, high=90)
     entitlement_cache_ttl_seconds: float = setting(
         "ENTITLEMENT_CACHE_TTL_SECONDS", number, low=0.001
     )

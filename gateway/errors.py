@@ -8,14 +8,16 @@
     │                                 invalid_payload, malformed_request
     ├── InvalidApiKey (401)           invalid_api_key
     ├── PaymentRequired (402)         trial_expired, subscription_inactive, seats_exceeded,
-    │                                 insufficient_credits
+    │                                 insufficient_credits, payment_failed
     ├── Forbidden (403)               not_a_member, insufficient_role, invitation_email_mismatch
     ├── NotFound (404)                not_found, endpoint_not_proxied, invitation_not_found,
     │                                 member_not_found
     ├── MethodNotAllowed (405)        method_not_allowed
     ├── RequestTimeout (408)          request_timeout
     ├── Conflict (409)                seats_exhausted, last_owner, already_a_member,
-    │                                 subscription_exists
+    │                                 subscription_exists, no_billing_account,
+    │                                 no_subscription, seats_below_members,
+    │                                 subscription_ending
     ├── Gone (410)                    invitation_expired
     ├── PayloadTooLarge (413)         payload_too_large
     ├── InternalError (500)           internal_error
@@ -75,6 +77,7 @@ class Reason(StrEnum):
     SUBSCRIPTION_INACTIVE = "subscription_inactive"
     SEATS_EXCEEDED = "seats_exceeded"
     INSUFFICIENT_CREDITS = "insufficient_credits"
+    PAYMENT_FAILED = "payment_failed"
     # 403
     NOT_A_MEMBER = "not_a_member"
     INSUFFICIENT_ROLE = "insufficient_role"
@@ -91,6 +94,10 @@ class Reason(StrEnum):
     LAST_OWNER = "last_owner"
     ALREADY_A_MEMBER = "already_a_member"
     SUBSCRIPTION_EXISTS = "subscription_exists"
+    NO_BILLING_ACCOUNT = "no_billing_account"
+    NO_SUBSCRIPTION = "no_subscription"
+    SEATS_BELOW_MEMBERS = "seats_below_members"
+    SUBSCRIPTION_ENDING = "subscription_ending"
     INVITATION_EXPIRED = "invitation_expired"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     # 5xx

@@ -1,19 +1,23 @@
 """A real aiohttp server that speaks enough of Stripe's REST API for the gateway's tests.
 
 The real `stripe` library talks to it (`STRIPE_API_BASE` points here): form-encoded
-POSTs to create customers, Checkout Sessions, products and prices and to update
-subscriptions; GETs to list prices by lookup key, list products and retrieve
-subscriptions. Like Stripe it refuses a parameter the endpoint does not take (400
-`invalid_request_error`, "Received unknown parameter: X"; what each endpoint takes comes
-from the library's own request types, `tests/stripe_params.py`) and a Checkout trial that
-ends within 48 hours, replays the first answer to a repeated `Idempotency-Key` and
-refuses the key when the parameters differ. Every request is recorded with its decoded
-parameters and headers, the `Stripe-Version` included.
+POSTs to create customers, Checkout Sessions, products and prices, to update
+subscriptions, to create, update and release subscription schedules, and to create
+Billing Portal configurations and sessions and update configurations; GETs to list prices
+by lookup key, products and portal configurations and to retrieve subscriptions (with
+`expand[]` of the latest invoice and the schedule). Like Stripe it refuses a parameter
+the endpoint does not take (400 `invalid_request_error`, "Received unknown parameter:
+X"; what each endpoint takes comes from the library's own request types,
+`tests/stripe_params.py`) and a Checkout trial that ends within 48 hours, replays the
+first answer to a repeated `Idempotency-Key` and refuses the key when the parameters
+differ. Every request is recorded with its decoded parameters and headers, the
+`Stripe-Version` included.
 
 Also here: builders for the Stripe-shaped subscription and event objects the webhook
 tests sign and deliver, and what Stripe does behind its API: a Checkout completed
 (`complete_checkout`: the subscription it creates, trialing until the session's
-`trial_end`) and a subscription changed (`update_subscription`), each with its event.
+`trial_end`), a subscription changed (`update_subscription`) or renewed (`renew`, with
+its schedule's next quantity), each with its event.
 """
 
 from __future__ import annotations
@@ -90,6 +94,10 @@ class FakeStripe:
     prices: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     sessions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     subscriptions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    schedules: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    invoices: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    portal_configurations: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    portal_sessions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # A session's line items, which Stripe keeps but does not return with the session.
     line_items: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     requests: list[RecordedRequest] = dataclasses.field(default_factory=list)
@@ -150,6 +158,28 @@ class FakeStripe:
         session.update(status="complete", payment_status=paid, subscription=subscription["id"])
         self.add_subscription(subscription)
         return copy.deepcopy(subscription)
+
+    def renew(self, subscription_id: str) -> dict[str, Any]:
+        """The period ends and the next begins, as Stripe renews: the quantity is that of
+        the schedule's phase starting then, if any; returns a copy of the subscription."""
+        subscription = self.subscriptions[subscription_id]
+        item = subscription["items"]["data"][0]
+        start, end = item["current_period_start"], item["current_period_end"]
+        item["current_period_start"], item["current_period_end"] = end, end + (end - start)
+        schedule = self.schedules.get(subscription.get("schedule") or "")
+        for phase in [] if schedule is None else schedule["phases"]:
+            if phase["start_date"] == end:
+                item["quantity"] = phase["items"][0]["quantity"]
+                schedule["current_phase"] = {k: phase[k] for k in ("start_date", "end_date")}
+        subscription.update(status="active", trial_end=None)
+        return copy.deepcopy(subscription)
+
+    def add_invoice(self, subscription_id: str, status: str = "paid", **fields: Any) -> str:
+        """An invoice of the subscription, now its latest; returns its id."""
+        invoice = {"id": new_id("in"), "object": "invoice", "status": status, **fields}
+        self.invoices[invoice["id"]] = invoice
+        self.subscriptions[subscription_id]["latest_invoice"] = invoice["id"]
+        return str(invoice["id"])
 
     def add_price(self, **fields: Any) -> dict[str, Any]:
         """Store a price as `stripe-setup` would have created it; returns it."""
@@ -311,14 +341,25 @@ async def list_prices(request: web.Request) -> web.Response:
     return web.json_response(stripe_list("/v1/prices", prices))
 
 
+def missing(kind: str, object_id: str) -> web.Response:
+    """Stripe's 404 for an object it does not hold."""
+    message = f"No such {kind}: '{object_id}'"
+    error = {"type": "invalid_request_error", "code": "resource_missing", "message": message}
+    return error_response(404, error)
+
+
 async def retrieve_subscription(request: web.Request) -> web.Response:
-    subscription_id = request.match_info["subscription_id"]
-    subscription = request.app[FAKE].subscriptions.get(subscription_id)
+    fake, subscription_id = request.app[FAKE], request.match_info["subscription_id"]
+    subscription = fake.subscriptions.get(subscription_id)
     if subscription is None:
-        message = f"No such subscription: '{subscription_id}'"
-        error = {"type": "invalid_request_error", "code": "resource_missing", "message": message}
-        return error_response(404, error)
-    return web.json_response(subscription)
+        return missing("subscription", subscription_id)
+    shown = copy.deepcopy(subscription)
+    # `expand[]`: the references it names inline, as Stripe expands them.
+    held = {"latest_invoice": fake.invoices, "schedule": fake.schedules}
+    for field in request[PARAMS].get("expand") or []:
+        if field in held and shown.get(field):
+            shown[field] = held[field][shown[field]]
+    return web.json_response(shown)
 
 
 async def update_subscription(request: web.Request) -> web.Response:
@@ -327,16 +368,178 @@ async def update_subscription(request: web.Request) -> web.Response:
     subscription = fake.subscriptions.get(request.match_info["subscription_id"])
     if subscription is None:
         return await retrieve_subscription(request)
+    before = sum(item["quantity"] for item in subscription["items"]["data"])
     for change in params.get("items") or []:
         for item in subscription["items"]["data"]:
             if item["id"] == change.get("id") and "quantity" in change:
                 item["quantity"] = int(change["quantity"])
+    added = sum(item["quantity"] for item in subscription["items"]["data"]) - before
+    if added > 0 and params.get("proration_behavior") == "always_invoice":
+        # The prorated rest of the period, invoiced and (in the fake, always) paid at once.
+        fake.add_invoice(subscription["id"], billing_reason="subscription_update")
     fields: dict[str, Any] = {}
     if "cancel_at_period_end" in params:
         fields["cancel_at_period_end"] = params["cancel_at_period_end"] == "true"
     if "metadata" in params:
         fields["metadata"] = {**subscription["metadata"], **params["metadata"]}
     return web.json_response(fake.update_subscription(subscription["id"], **fields))
+
+
+def _typed(value: Any) -> Any:
+    """Form values back into JSON: booleans, and whole numbers where Stripe has integers."""
+    if isinstance(value, dict):
+        # Metadata stays strings, as Stripe keeps it.
+        return {k: v if k == "metadata" else _typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    if value in ("true", "false"):
+        return value == "true"
+    return int(value) if isinstance(value, str) and value.isdigit() else value
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# What Stripe shows of a configuration's features that were not set (a few of them).
+PORTAL_DEFAULTS: dict[str, Any] = {
+    "customer_update": {"enabled": False, "allowed_updates": []},
+    "invoice_history": {"enabled": False},
+    "payment_method_update": {"enabled": False, "payment_method_configuration": None},
+    "subscription_cancel": {
+        "enabled": False,
+        "mode": "at_period_end",
+        "proration_behavior": "none",
+        "cancellation_reason": {"enabled": False, "options": []},
+    },
+    "subscription_update": {"enabled": False, "default_allowed_updates": [], "products": []},
+}
+
+
+async def create_portal_configuration(request: web.Request) -> web.Response:
+    params = _typed(request[PARAMS])
+    configuration = {
+        "id": new_id("bpc"),
+        "object": "billing_portal.configuration",
+        "active": True,
+        "is_default": False,
+        "name": params.get("name"),
+        "features": _merged(PORTAL_DEFAULTS, params.get("features") or {}),
+        "metadata": request[PARAMS].get("metadata", {}),
+    }
+    request.app[FAKE].portal_configurations[configuration["id"]] = configuration
+    return web.json_response(configuration)
+
+
+async def list_portal_configurations(request: web.Request) -> web.Response:
+    active = request[PARAMS].get("active")
+    found = [
+        c
+        for c in request.app[FAKE].portal_configurations.values()
+        if active is None or c["active"] == (active == "true")
+    ]
+    return web.json_response(stripe_list("/v1/billing_portal/configurations", found))
+
+
+async def update_portal_configuration(request: web.Request) -> web.Response:
+    configuration_id = request.match_info["configuration"]
+    configuration = request.app[FAKE].portal_configurations.get(configuration_id)
+    if configuration is None:
+        return missing("billing_portal.configuration", configuration_id)
+    configuration.update(_merged(configuration, _typed(request[PARAMS])))
+    return web.json_response(configuration)
+
+
+async def create_portal_session(request: web.Request) -> web.Response:
+    fake, params = request.app[FAKE], request[PARAMS]
+    if params.get("customer") not in fake.customers:
+        return missing("customer", str(params.get("customer")))
+    configuration = params.get("configuration")
+    if configuration is not None and configuration not in fake.portal_configurations:
+        return missing("billing_portal.configuration", configuration)
+    session_id = new_id("bps")
+    session = {
+        "id": session_id,
+        "object": "billing_portal.session",
+        "url": f"https://billing.stripe.test/p/session/{session_id}",
+        "created": _now(),
+        **params,
+    }
+    fake.portal_sessions[session_id] = session
+    return web.json_response(session)
+
+
+async def create_schedule(request: web.Request) -> web.Response:
+    """A schedule from a subscription: one phase, the subscription as it is now."""
+    fake = request.app[FAKE]
+    subscription_id = request[PARAMS].get("from_subscription", "")
+    subscription = fake.subscriptions.get(subscription_id)
+    if subscription is None:
+        return missing("subscription", subscription_id)
+    if subscription.get("schedule"):
+        message = "The subscription is already attached to a schedule."
+        return error_response(400, {"type": "invalid_request_error", "message": message})
+    items = subscription["items"]["data"]
+    period = {k: items[0][f"current_period_{k[:-5]}"] for k in ("start_date", "end_date")}
+    phase = {
+        **period,
+        "items": [{"price": i["price"]["id"], "quantity": i["quantity"]} for i in items],
+        "proration_behavior": "create_prorations",
+        "trial_end": subscription.get("trial_end"),
+    }
+    schedule = {
+        "id": new_id("sub_sched"),
+        "object": "subscription_schedule",
+        "subscription": subscription_id,
+        "customer": subscription["customer"],
+        "status": "active",
+        "end_behavior": "release",
+        "current_phase": period,
+        "phases": [phase],
+        "metadata": {},
+    }
+    fake.schedules[schedule["id"]] = schedule
+    subscription["schedule"] = schedule["id"]
+    return web.json_response(schedule)
+
+
+async def update_schedule(request: web.Request) -> web.Response:
+    """New phases: the first must start when the current one did; a `duration` ends one."""
+    schedule = request.app[FAKE].schedules.get(request.match_info["schedule"])
+    if schedule is None:
+        return missing("subscription_schedule", request.match_info["schedule"])
+    params = _typed(request[PARAMS])
+    phases = params.pop("phases", None)
+    if phases is not None:
+        if phases[0].get("start_date") != schedule["current_phase"]["start_date"]:
+            message = "The first phase must start when the current phase started."
+            return error_response(400, {"type": "invalid_request_error", "message": message})
+        for before, phase in itertools.pairwise([None, *phases]):
+            if before is not None:
+                phase.setdefault("start_date", before["end_date"])
+            duration = phase.pop("duration", None)
+            if duration is not None:
+                length = 365 * 86_400 if duration["interval"] == "year" else 30 * 86_400
+                phase["end_date"] = phase["start_date"] + length * duration["interval_count"]
+        schedule["phases"] = phases
+    schedule.update(_merged(schedule, params))
+    return web.json_response(schedule)
+
+
+async def release_schedule(request: web.Request) -> web.Response:
+    fake = request.app[FAKE]
+    schedule = fake.schedules.get(request.match_info["schedule"])
+    if schedule is None:
+        return missing("subscription_schedule", request.match_info["schedule"])
+    schedule.update(status="released", released_subscription=schedule["subscription"])
+    fake.subscriptions[schedule["subscription"]]["schedule"] = None
+    return web.json_response(schedule)
 
 
 def create_fake_stripe_app(fake: FakeStripe | None = None) -> web.Application:
@@ -351,6 +554,14 @@ def create_fake_stripe_app(fake: FakeStripe | None = None) -> web.Application:
     app.router.add_get("/v1/prices", list_prices)
     app.router.add_get("/v1/subscriptions/{subscription_id}", retrieve_subscription)
     app.router.add_post("/v1/subscriptions/{subscription_id}", update_subscription)
+    app.router.add_post("/v1/subscription_schedules", create_schedule)
+    app.router.add_post("/v1/subscription_schedules/{schedule}", update_schedule)
+    app.router.add_post("/v1/subscription_schedules/{schedule}/release", release_schedule)
+    portal = "/v1/billing_portal"
+    app.router.add_get(f"{portal}/configurations", list_portal_configurations)
+    app.router.add_post(f"{portal}/configurations", create_portal_configuration)
+    app.router.add_post(f"{portal}/configurations/{{configuration}}", update_portal_configuration)
+    app.router.add_post(f"{portal}/sessions", create_portal_session)
     return app
 
 

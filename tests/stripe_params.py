@@ -87,6 +87,23 @@ ENDPOINTS: dict[tuple[str, str], type] = {
     ("GET", "/v1/prices"): stripe.params.PriceListParams,
     ("GET", "/v1/subscriptions/{subscription_id}"): stripe.params.SubscriptionRetrieveParams,
     ("POST", "/v1/subscriptions/{subscription_id}"): stripe.params.SubscriptionUpdateParams,
+    ("POST", "/v1/subscription_schedules"): stripe.params.SubscriptionScheduleCreateParams,
+    ("POST", "/v1/subscription_schedules/{schedule}"): (
+        stripe.params.SubscriptionScheduleUpdateParams
+    ),
+    ("POST", "/v1/subscription_schedules/{schedule}/release"): (
+        stripe.params.SubscriptionScheduleReleaseParams
+    ),
+    ("GET", "/v1/billing_portal/configurations"): (
+        stripe.params.billing_portal.ConfigurationListParams
+    ),
+    ("POST", "/v1/billing_portal/configurations"): (
+        stripe.params.billing_portal.ConfigurationCreateParams
+    ),
+    ("POST", "/v1/billing_portal/configurations/{configuration}"): (
+        stripe.params.billing_portal.ConfigurationUpdateParams
+    ),
+    ("POST", "/v1/billing_portal/sessions"): stripe.params.billing_portal.SessionCreateParams,
 }
 
 

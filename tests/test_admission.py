@@ -14,9 +14,9 @@ from gateway.errors import PaymentRequired, Reason
 from tests.test_rule import AFTER, NOON, facts
 
 CALLER = Caller("user_a", "0b9e4a5e-6a3c-4a8e-9a43-5f2a1f9c0d11", "member")
-ENFORCE = Policy(30, EnforcementMode.ENFORCE, "https://app.example.test")
-SHADOW = Policy(30, EnforcementMode.SHADOW, "https://app.example.test")
-OFF = Policy(30, EnforcementMode.OFF, "https://app.example.test")
+ENFORCE = Policy(30, EnforcementMode.ENFORCE, "https://app.example.test", 14)
+SHADOW = Policy(30, EnforcementMode.SHADOW, "https://app.example.test", 14)
+OFF = Policy(30, EnforcementMode.OFF, "https://app.example.test", 14)
 FUNDED = {"credits_acquired_microdollars": 5_000_000}
 PAID_MODEL = "openai/gpt-4o-mini"
 FREE_MODEL = "meta-llama/llama-3.1-8b-instruct:free"

@@ -596,3 +596,38 @@ async def test_paying_during_the_trial_is_charged_when_it_ends(
     sent = request.params["subscription_data"].get("trial_end")
     expected = str(math.ceil(trial_ends_at.timestamp())) if charged_at_trial_end else None
     assert sent == expected
+
+
+# Credits for an organization the rule refuses.
+
+
+@pytest.mark.parametrize(
+    ("age", "locked"),
+    [
+        pytest.param(timedelta(days=40), True, id="trial-over"),
+        pytest.param(timedelta(days=3), False, id="trialing"),
+    ],
+)
+async def test_credits_checkout_says_when_the_credits_stay_locked(
+    billing_gateway: RunningGateway,
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    stripe_server: RunningFakeStripe,
+    age: timedelta,
+    locked: bool,
+) -> None:
+    """An organization past its trial without a subscription still buys credits, and is
+    told they stay locked until it subscribes; a trialing one is told nothing more."""
+    org_id, token = await org_with_owner(seed, age=age)
+    status, body = await post(
+        client, billing_gateway, credits_path(org_id), token, {"amount_usd": 20}
+    )
+    assert status == 200, body
+    assert len(session_requests(stripe_server)) == 1
+    assert body["credits_locked"] is locked
+    if locked:
+        assert body["locked_reason"] == "trial_expired"
+        assert "stay locked until the organization subscribes" in body["message"]
+        assert f"{APP_URL}/organizations/{org_id}/billing" in body["message"]
+    else:
+        assert "message" not in body

@@ -12,15 +12,20 @@ import pytest
 
 from gateway.access.refusals import Outcome, balance_usd, billing_url, check, iso_utc
 from gateway.access.rule import OrgFacts, Purchase, Reason, Standing
+from gateway.accounts.status import organization_status
 from gateway.config import EnforcementMode
 from gateway.errors import GatewayError, PaymentRequired
+from gateway.plans import load_catalog
 
 BASE = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 DAY = 86_400.0
 TRIAL_DAYS = 30
+GRACE_DAYS = 14
 TRIAL_END = BASE + TRIAL_DAYS * DAY  # 2027-02-14T08:00:00Z
 TRIAL_END_ISO = "2027-02-14T08:00:00Z"
 AFTER = TRIAL_END + 10 * DAY
+# A payment that failed long enough before AFTER for its grace to be over.
+FAILED_AT = AFTER - (GRACE_DAYS + 1) * DAY
 APP_URL = "https://app.example.test"
 ORG_ID = "0b9e4a5e-6a3c-4a8e-9a43-5f2a1f9c0d11"
 BLOCKING_MODES = [EnforcementMode.ENFORCE, EnforcementMode.SHADOW]
@@ -57,7 +62,7 @@ def facts(**overrides: Any) -> OrgFacts:
 
 def judge(org: OrgFacts, mode: EnforcementMode, now: float = AFTER) -> Outcome:
     """Run `check` with the test's fixed trial length and app URL."""
-    return check(org, now, trial_days=TRIAL_DAYS, mode=mode, app_url=APP_URL)
+    return check(org, now, trial_days=TRIAL_DAYS, grace_days=GRACE_DAYS, mode=mode, app_url=APP_URL)
 
 
 def refusal(org: OrgFacts, now: float = AFTER) -> PaymentRequired:
@@ -73,19 +78,19 @@ BLOCKED = [
     pytest.param(
         facts(purchase=purchase(status="ended")),
         Reason.SUBSCRIPTION_INACTIVE,
-        5,
+        0,
         id="subscription-ended",
     ),
     pytest.param(
         facts(purchase=purchase(expires_at=AFTER)),
         Reason.SUBSCRIPTION_INACTIVE,
-        5,
+        0,
         id="subscription-expired",
     ),
     pytest.param(
         facts(purchase=purchase(starts_at=AFTER + 1)),
         Reason.SUBSCRIPTION_INACTIVE,
-        5,
+        0,
         id="subscription-not-started",
     ),
     pytest.param(
@@ -109,8 +114,25 @@ BLOCKED = [
     pytest.param(
         facts(purchases=(purchase(status="ended", seat_count=4), purchase(status="ended"))),
         Reason.SUBSCRIPTION_INACTIVE,
-        4,
-        id="two-lapsed-the-newest-shown",
+        0,
+        id="two-lapsed",
+    ),
+    pytest.param(
+        facts(purchase=purchase(status="past_due", payment_failed_at=FAILED_AT)),
+        Reason.PAYMENT_FAILED,
+        0,
+        id="payment-failed-grace-over",
+    ),
+    pytest.param(
+        facts(
+            purchases=(
+                purchase(status="past_due", seat_count=2, payment_failed_at=FAILED_AT),
+                purchase(status="ended", seat_count=4),
+            )
+        ),
+        Reason.PAYMENT_FAILED,
+        0,
+        id="payment-failed-beside-a-cancelled-one",
     ),
 ]
 
@@ -137,7 +159,18 @@ TITLES = {
     Reason.TRIAL_EXPIRED: "Your free trial has ended",
     Reason.SUBSCRIPTION_INACTIVE: "Your subscription is not active",
     Reason.SEATS_EXCEEDED: "Your organization needs more seats",
+    Reason.PAYMENT_FAILED: "Your payment failed",
 }
+
+
+def failure_metadata(reason: Reason) -> dict[str, str]:
+    """What a payment_failed 402 adds to the metadata of the others."""
+    if reason is not Reason.PAYMENT_FAILED:
+        return {}
+    return {
+        "payment_failed_at": iso_utc(FAILED_AT),
+        "grace_ends_at": iso_utc(FAILED_AT + GRACE_DAYS * DAY),
+    }
 
 
 class TestAllowed:
@@ -198,6 +231,7 @@ class TestEnforceMode:
                     "trial_ends_at": TRIAL_END_ISO,
                     "seats_used": org.seats_used,
                     "seats_purchased": seats_purchased,
+                    **failure_metadata(reason),
                 },
             },
             "error_type": reason.value,
@@ -302,6 +336,7 @@ class TestMessages:
                 facts(purchase=purchase()),
                 AFTER,
                 trial_days=TRIAL_DAYS,
+                grace_days=GRACE_DAYS,
                 mode=EnforcementMode.ENFORCE,
                 app_url=APP_URL,
                 requested_model=lambda: "openai/gpt-4o",
@@ -383,3 +418,67 @@ class TestHelpers:
     def test_billing_url(self):
         """The billing URL is {app_url}/organizations/{id}/billing."""
         assert billing_url(APP_URL, ORG_ID) == f"{APP_URL}/organizations/{ORG_ID}/billing"
+
+
+class TestPaymentFailed:
+    """A payment failed: the proxy serves through the grace, then refuses with
+    payment_failed, in the envelope of every 402."""
+
+    def test_message_says_declined_and_who_can_update_it(self):
+        """The card was declined, the grace ended, an owner or billing manager can update
+        the card; the billing link comes last."""
+        org = facts(
+            purchase=purchase(status="past_due", payment_failed_at=FAILED_AT),
+            credits_acquired_microdollars=7_000_000,
+        )
+        exc = refusal(org)
+        assert exc.reason == Reason.PAYMENT_FAILED.value
+        assert "declined on 2027-02-09" in exc.message
+        assert "grace period (2027-02-23)" in exc.message
+        assert "An owner or billing manager can update the card" in exc.message
+        assert "$7.00 of purchased credits stay locked" in exc.message
+        assert exc.message.endswith(f" Update the card at {billing_url(APP_URL, ORG_ID)}")
+        error = exc.envelope()["error"]
+        assert (error["title"], error["balance"]) == ("Your payment failed", 7.0)
+        assert error["buyCreditsUrl"] == billing_url(APP_URL, ORG_ID)
+
+    def test_served_through_the_grace_then_refused(self):
+        """Allowed until the failure plus PAST_DUE_GRACE_DAYS, refused from that instant,
+        though the period Stripe moved on to runs for a year."""
+        failing = purchase(
+            status="past_due",
+            starts_at=AFTER,
+            expires_at=AFTER + 365 * DAY,
+            payment_failed_at=AFTER,
+        )
+        org = facts(purchase=failing)
+        grace_end = AFTER + GRACE_DAYS * DAY
+        assert judge(org, EnforcementMode.ENFORCE, grace_end - 1).would_block is None
+        assert refusal(org, grace_end).reason == Reason.PAYMENT_FAILED.value
+        assert judge(org, EnforcementMode.SHADOW, grace_end).would_block is Reason.PAYMENT_FAILED
+
+    def test_paid_invoice_lets_it_through_at_once(self):
+        """The invoice paid, the purchase is active again: the same instant is allowed."""
+        paid = facts(purchase=purchase(status="active", starts_at=FAILED_AT))
+        assert judge(paid, EnforcementMode.ENFORCE).would_block is None
+
+
+@pytest.mark.parametrize(("org", "reason", "seats_purchased"), BLOCKED)
+def test_seats_purchased_agrees_with_the_status_page(
+    org: OrgFacts, reason: Reason, seats_purchased: int
+) -> None:
+    """The 402's metadata.seats_purchased is the status page's seats.purchased, after a
+    cancellation or a lapse too: both are `rule.paid_seats` at the instant (0 when nothing
+    pays)."""
+    page = organization_status(
+        org,
+        AFTER,
+        name="Acme",
+        pending_invitations=0,
+        trial_days=TRIAL_DAYS,
+        grace_days=GRACE_DAYS,
+        app_url=APP_URL,
+        catalog=load_catalog(),
+    )
+    metadata = refusal(org).envelope()["error"]["metadata"]
+    assert metadata["seats_purchased"] == page["seats"]["purchased"] == seats_purchased

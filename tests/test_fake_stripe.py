@@ -95,6 +95,27 @@ def session_params(**changes: Any) -> dict[str, Any]:
             "quantity",
             id="subscription-update",
         ),
+        pytest.param(
+            lambda c: c.v1.billing_portal.configurations.create_async(
+                params={"features": {"invoice_history": {"enabled": True, "limit": 5}}}
+            ),
+            "features[invoice_history][limit]",
+            id="portal-configuration",
+        ),
+        pytest.param(
+            lambda c: c.v1.billing_portal.sessions.create_async(
+                params={"customer": "cus_1", "return_to": "https://app.example.test"}
+            ),
+            "return_to",
+            id="portal-session",
+        ),
+        pytest.param(
+            lambda c: c.v1.subscription_schedules.update_async(
+                "sub_sched_1", params={"phases": [{"items": [], "iterations": 1}]}
+            ),
+            "phases[0][iterations]",
+            id="schedule-phase",
+        ),
     ],
 )
 async def test_unknown_parameter_is_refused_as_stripe_does(

@@ -453,7 +453,7 @@ async def test_migration_nine_ends_subscriptions_stripe_ended_behind_a_newer_one
             stripe_status[subscription],
         )
 
-    assert await migrate(empty_db) == [9]
+    assert await migrate(empty_db, target=9) == [9]
 
     rows = await empty_db.fetch(
         """SELECT DISTINCT ON (subscription_stripe_id) subscription_stripe_id,
@@ -469,4 +469,38 @@ async def test_migration_nine_ends_subscriptions_stripe_ended_behind_a_newer_one
     }
     ended = latest["sub_old"]
     assert (ended["expires_at"], ended["stripe_status"]) == (now - timedelta(days=1), "canceled")
-    assert await migrate(empty_db) == []
+    assert await migrate(empty_db, target=9) == []
+
+
+async def test_migration_ten_starts_the_grace_of_past_due_subscriptions_when_recorded(
+    empty_db: asyncpg.Connection,
+) -> None:
+    """A subscription already past_due before migration 10 failed no later than its row was
+    written: its grace counts from then, not from the deploy; other rows have no failure."""
+    await migrate(empty_db, target=9)
+    now = datetime.now(UTC)
+    org_id: str = await empty_db.fetchval(
+        "INSERT INTO organizations (name) VALUES ('Acme') RETURNING id::text"
+    )
+    for subscription, status in (("sub_failing", "past_due"), ("sub_paying", "active")):
+        await empty_db.execute(
+            """INSERT INTO organization_seats_purchases (organization_id, subscription_stripe_id,
+                   seat_count, subscription_status, starts_at, expires_at, created_at)
+               VALUES ($1::uuid, $2, 3, $3, $4, $5, $6)""",
+            org_id,
+            subscription,
+            status,
+            now - timedelta(days=30),
+            now + timedelta(days=300),
+            now - timedelta(days=5),
+        )
+
+    assert await migrate(empty_db, target=10) == [10]
+
+    rows = await empty_db.fetch(
+        "SELECT subscription_stripe_id, payment_failed_at FROM organization_seats_purchases"
+    )
+    assert {r["subscription_stripe_id"]: r["payment_failed_at"] for r in rows} == {
+        "sub_failing": now - timedelta(days=5),
+        "sub_paying": None,
+    }

@@ -195,7 +195,9 @@ async def test_status_of_a_new_organization(
     body = reply.body
     assert body["plan"] == "teams"
     assert body["trial"]["stage"] == "trialing"
-    assert body["trial"]["days_remaining"] == 29
+    # Created a moment ago: 30 days left, as a person counts them (not 29).
+    assert body["trial"]["days_remaining"] == 30
+    assert body["call_to_action"]["title"] == "30 days left in your free trial"
     assert body["seats"] == {
         "used": 1,
         "purchased": 0,

@@ -412,7 +412,8 @@ async def test_inactive_subscription_is_402(
     db: asyncpg.Connection,
     purchase: dict[str, Any],
 ) -> None:
-    """After the trial, an expired or ended purchase is 402 subscription_inactive."""
+    """After the trial, an expired or ended purchase is 402 subscription_inactive; it pays
+    for no seat any more (as the status page says too)."""
     member = await org_member(seed, age=timedelta(days=60))
     await seed.purchase(member.org_id, seat_count=5, **purchase)
     received_before = upstream.recorder.received
@@ -423,7 +424,7 @@ async def test_inactive_subscription_is_402(
         reason="subscription_inactive",
         org_id=member.org_id,
         seats_used=1,
-        seats_purchased=5,
+        seats_purchased=0,
         balance=DEFAULT_CREDITS_MICRODOLLARS / 1_000_000,
     )
     assert upstream.recorder.received == received_before

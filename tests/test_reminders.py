@@ -58,12 +58,13 @@ async def test_each_stage_is_queued_once(
     org_id, end = await trial_org(seed)
     timeline = [
         (end - 10 * DAY, 0),
-        (end - 7.5 * DAY, 1),
+        (end - 7.5 * DAY, 0),
+        (end - 6.5 * DAY, 1),
         (end - 5 * DAY, 0),
-        (end - 3.5 * DAY, 1),
-        (end - 2.5 * DAY, 0),
-        (end - 1.5 * DAY, 1),
-        (end - 0.5 * DAY, 0),
+        (end - 2.5 * DAY, 1),
+        (end - 1.5 * DAY, 0),
+        (end - 0.5 * DAY, 1),
+        (end - 0.1 * DAY, 0),
         (end + 3600, 1),
         (end + 2 * DAY, 0),
     ]
@@ -84,9 +85,9 @@ async def test_each_stage_is_queued_once(
 async def test_a_late_first_look_sends_only_the_latest_stage(
     db: asyncpg.Connection, seed: Seed, config: gateway_config.Config
 ) -> None:
-    """First seen with a day and a half left: only the 1-day reminder, never a stale one."""
+    """First seen with half a day left: only the 1-day reminder, never a stale one."""
     org_id, end = await trial_org(seed)
-    assert await queue_due_reminders(db, end - 1.5 * DAY, config) == 1
+    assert await queue_due_reminders(db, end - 0.5 * DAY, config) == 1
     [row] = await reminders(db, org_id)
     assert row["kind"] == "trial_reminder_1_day"
     assert row["subject"] == "Your Kilo Code trial ends in 1 day"

@@ -18,6 +18,7 @@ from gateway.access.rule import (
     Standing,
     Verdict,
     decide,
+    is_live,
     is_paying,
     trial_end,
 )
@@ -27,6 +28,7 @@ DAY = 86_400.0
 HOUR = 3_600.0
 YEAR = 365 * DAY
 TRIAL_DAYS = 30
+GRACE_DAYS = 14
 TRIAL_END = BASE + TRIAL_DAYS * DAY  # 2027-02-14T08:00:00Z
 NOON = BASE + 4 * HOUR  # 2027-01-15T12:00:00Z
 AFTER = TRIAL_END + 10 * DAY  # well after the default trial
@@ -43,6 +45,14 @@ def purchase(**overrides: Any) -> Purchase:
     }
     values.update(overrides)
     return Purchase(**values)
+
+
+def failed(failed_at: float, **overrides: Any) -> Purchase:
+    """A past_due purchase whose payment failed at `failed_at`; by default Stripe has moved
+    its period on to start at the failure (a failed renewal)."""
+    values: dict[str, Any] = {"starts_at": failed_at, "expires_at": failed_at + YEAR}
+    values.update(overrides)
+    return purchase(status="past_due", payment_failed_at=failed_at, **values)
 
 
 def facts(**overrides: Any) -> OrgFacts:
@@ -68,6 +78,7 @@ ALLOWED_SUBSCRIBED = (True, Standing.SUBSCRIBED, None)
 TRIAL_EXPIRED = (False, Standing.BLOCKED, Reason.TRIAL_EXPIRED)
 INACTIVE = (False, Standing.BLOCKED, Reason.SUBSCRIPTION_INACTIVE)
 SEATS_EXCEEDED = (False, Standing.BLOCKED, Reason.SEATS_EXCEEDED)
+PAYMENT_FAILED = (False, Standing.BLOCKED, Reason.PAYMENT_FAILED)
 
 
 class TestTrialEnd:
@@ -452,11 +463,131 @@ DECIDE_TABLE = [
         ALLOWED_SUBSCRIBED,
         id="past-due-seats-add-up",
     ),
+    # --- a failed payment: past_due pays from the failure for GRACE_DAYS, not its period ---
+    pytest.param(
+        facts(purchase=failed(AFTER - DAY)),
+        AFTER,
+        TRIAL_DAYS,
+        ALLOWED_SUBSCRIBED,
+        id="past-due-a-day-after-the-failure",
+    ),
+    pytest.param(
+        facts(purchase=failed(AFTER - GRACE_DAYS * DAY + 1)),
+        AFTER,
+        TRIAL_DAYS,
+        ALLOWED_SUBSCRIBED,
+        id="past-due-last-second-of-grace",
+    ),
+    pytest.param(
+        facts(purchase=failed(AFTER - GRACE_DAYS * DAY)),
+        AFTER,
+        TRIAL_DAYS,
+        PAYMENT_FAILED,
+        id="past-due-exactly-at-grace-end",
+    ),
+    pytest.param(
+        facts(purchase=failed(AFTER - 30 * DAY)),
+        AFTER,
+        TRIAL_DAYS,
+        PAYMENT_FAILED,
+        id="past-due-long-after-grace",
+    ),
+    pytest.param(
+        facts(purchase=failed(AFTER - 30 * DAY, expires_at=AFTER + YEAR)),
+        AFTER,
+        TRIAL_DAYS,
+        PAYMENT_FAILED,
+        id="past-due-grace-over-inside-the-new-period-buys-nothing",
+    ),
+    pytest.param(
+        facts(purchase=failed(AFTER - 2 * DAY, starts_at=AFTER - YEAR, expires_at=AFTER - DAY)),
+        AFTER,
+        TRIAL_DAYS,
+        ALLOWED_SUBSCRIBED,
+        id="past-due-grace-holds-after-the-period-end",
+    ),
+    pytest.param(
+        facts(purchase=failed(AFTER - 20 * DAY, starts_at=AFTER - YEAR, expires_at=AFTER - DAY)),
+        AFTER,
+        TRIAL_DAYS,
+        PAYMENT_FAILED,
+        id="past-due-after-the-period-end-and-the-grace",
+    ),
+    pytest.param(
+        facts(purchase=purchase(status="past_due", starts_at=AFTER - 3 * DAY)),
+        AFTER,
+        TRIAL_DAYS,
+        ALLOWED_SUBSCRIBED,
+        id="past-due-without-failure-instant-graced-from-its-start",
+    ),
+    pytest.param(
+        facts(purchase=purchase(status="past_due", starts_at=AFTER - GRACE_DAYS * DAY)),
+        AFTER,
+        TRIAL_DAYS,
+        PAYMENT_FAILED,
+        id="past-due-without-failure-instant-grace-over",
+    ),
+    pytest.param(
+        facts(purchase=failed(AFTER - DAY)),
+        AFTER,
+        0,
+        ALLOWED_SUBSCRIBED,
+        id="past-due-zero-trial-days",
+    ),
+    pytest.param(
+        facts(seats_used=6, purchase=failed(AFTER - DAY)),
+        AFTER,
+        TRIAL_DAYS,
+        SEATS_EXCEEDED,
+        id="past-due-in-grace-seats-still-counted",
+    ),
+    pytest.param(
+        facts(seats_used=4, purchases=(failed(AFTER - 30 * DAY), purchase(seat_count=4))),
+        AFTER,
+        TRIAL_DAYS,
+        ALLOWED_SUBSCRIBED,
+        id="past-due-over-another-subscription-pays",
+    ),
+    pytest.param(
+        facts(seats_used=6, purchases=(failed(AFTER - 30 * DAY), purchase(seat_count=4))),
+        AFTER,
+        TRIAL_DAYS,
+        SEATS_EXCEEDED,
+        id="past-due-over-its-seats-no-longer-count",
+    ),
+    pytest.param(
+        facts(purchases=(failed(AFTER - 30 * DAY), purchase(status="ended"))),
+        AFTER,
+        TRIAL_DAYS,
+        PAYMENT_FAILED,
+        id="past-due-over-beside-an-ended-one-is-payment-failed",
+    ),
+    pytest.param(
+        facts(purchase=failed(TRIAL_END)),
+        TRIAL_END + DAY,
+        TRIAL_DAYS,
+        ALLOWED_SUBSCRIBED,
+        id="first-charge-after-the-trial-failed-in-grace",
+    ),
+    pytest.param(
+        facts(require_seats=False, purchase=failed(AFTER - 30 * DAY)),
+        AFTER,
+        TRIAL_DAYS,
+        ALLOWED_EXEMPT,
+        id="past-due-exempt",
+    ),
+    pytest.param(
+        facts(purchase=purchase(status="active", starts_at=AFTER - DAY)),
+        AFTER,
+        TRIAL_DAYS,
+        ALLOWED_SUBSCRIBED,
+        id="paid-after-the-failure-active-again",
+    ),
 ]
 
 
 class TestDecide:
-    """`decide(facts, now, trial_days)` across the whole rule."""
+    """`decide(facts, now, trial_days, GRACE_DAYS)` across the whole rule."""
 
     @pytest.mark.parametrize(("org", "now", "trial_days", "expected"), DECIDE_TABLE)
     def test_decide(
@@ -467,7 +598,7 @@ class TestDecide:
         expected: tuple[bool, Standing, Reason | None],
     ):
         """The verdict (allowed, standing, reason) for each row of the rule's table."""
-        verdict = decide(org, now, trial_days)
+        verdict = decide(org, now, trial_days, GRACE_DAYS)
         assert (verdict.allowed, verdict.standing, verdict.reason) == expected
 
     @pytest.mark.parametrize(("org", "now", "trial_days", "expected"), DECIDE_TABLE)
@@ -475,7 +606,7 @@ class TestDecide:
         self, org: OrgFacts, now: float, trial_days: int, expected: object
     ):
         """Every verdict reports the trial end it was judged against."""
-        assert decide(org, now, trial_days).trial_ends_at == trial_end(org, trial_days)
+        assert decide(org, now, trial_days, GRACE_DAYS).trial_ends_at == trial_end(org, trial_days)
 
     @pytest.mark.parametrize(("org", "now", "trial_days", "expected"), DECIDE_TABLE)
     def test_verdict_is_consistent(
@@ -486,7 +617,7 @@ class TestDecide:
         expected: tuple[bool, Standing, Reason | None],
     ):
         """Allowed verdicts have no reason and are not BLOCKED; refusals always have one."""
-        verdict = decide(org, now, trial_days)
+        verdict = decide(org, now, trial_days, GRACE_DAYS)
         assert (verdict.reason is None) is verdict.allowed
         assert (verdict.standing is Standing.BLOCKED) is not verdict.allowed
         assert verdict.trialing is (verdict.standing is Standing.TRIALING)
@@ -497,9 +628,9 @@ class TestDecide:
     ):
         """Deciding is pure: the facts are unchanged and the same inputs give the same verdict."""
         before = dataclasses.replace(org)
-        first = decide(org, now, trial_days)
+        first = decide(org, now, trial_days, GRACE_DAYS)
         assert org == before
-        assert decide(org, now, trial_days) == first
+        assert decide(org, now, trial_days, GRACE_DAYS) == first
 
     @pytest.mark.parametrize(
         ("org", "now", "seats"),
@@ -528,14 +659,14 @@ class TestDecide:
     )
     def test_verdict_counts_the_seats_paying_now(self, org: OrgFacts, now: float, seats: int):
         """The verdict carries the seats it judged against: every paying purchase's, added up."""
-        assert decide(org, now, TRIAL_DAYS).seats_purchased == seats
+        assert decide(org, now, TRIAL_DAYS, GRACE_DAYS).seats_purchased == seats
 
     def test_trial_stays_open_with_fewer_seats_bought_than_members(self):
         """Bought during the trial for fewer seats than members: allowed until the trial ends,
         then seats_exceeded (the status page warns before)."""
         org = facts(seats_used=9, purchases=(purchase(seat_count=3, starts_at=BASE),))
-        assert decide(org, TRIAL_END - 1, TRIAL_DAYS).standing is Standing.TRIALING
-        assert decide(org, TRIAL_END, TRIAL_DAYS).reason is Reason.SEATS_EXCEEDED
+        assert decide(org, TRIAL_END - 1, TRIAL_DAYS, GRACE_DAYS).standing is Standing.TRIALING
+        assert decide(org, TRIAL_END, TRIAL_DAYS, GRACE_DAYS).reason is Reason.SEATS_EXCEEDED
 
 
 class TestCachedFactsNotVerdicts:
@@ -544,22 +675,73 @@ class TestCachedFactsNotVerdicts:
     def test_trial_ending_at_noon(self):
         """Facts read at 11:59:59 allow then, and the same facts refuse at 12:00:00."""
         cached = facts(free_trial_end_at=NOON)
-        assert decide(cached, NOON - 1, TRIAL_DAYS) == Verdict(True, Standing.TRIALING, None, NOON)
-        assert decide(cached, NOON, TRIAL_DAYS) == Verdict(
+        assert decide(cached, NOON - 1, TRIAL_DAYS, GRACE_DAYS) == Verdict(
+            True, Standing.TRIALING, None, NOON
+        )
+        assert decide(cached, NOON, TRIAL_DAYS, GRACE_DAYS) == Verdict(
             False, Standing.BLOCKED, Reason.TRIAL_EXPIRED, NOON
         )
 
     def test_subscription_expiring_at_noon(self):
         """A purchase expiring at 12:00:00 allows at 11:59:59 and refuses at 12:00:00."""
         cached = facts(free_trial_end_at=BASE, purchase=purchase(starts_at=BASE, expires_at=NOON))
-        assert decide(cached, NOON - 1, TRIAL_DAYS).standing is Standing.SUBSCRIBED
-        assert decide(cached, NOON, TRIAL_DAYS).reason is Reason.SUBSCRIPTION_INACTIVE
+        assert decide(cached, NOON - 1, TRIAL_DAYS, GRACE_DAYS).standing is Standing.SUBSCRIBED
+        assert decide(cached, NOON, TRIAL_DAYS, GRACE_DAYS).reason is Reason.SUBSCRIPTION_INACTIVE
 
     def test_subscription_starting_at_noon(self):
         """A purchase starting at 12:00:00 refuses at 11:59:59 and allows at 12:00:00."""
         cached = facts(free_trial_end_at=BASE, purchase=purchase(starts_at=NOON))
-        assert decide(cached, NOON - 1, TRIAL_DAYS).reason is Reason.SUBSCRIPTION_INACTIVE
-        assert decide(cached, NOON, TRIAL_DAYS).standing is Standing.SUBSCRIBED
+        assert (
+            decide(cached, NOON - 1, TRIAL_DAYS, GRACE_DAYS).reason is Reason.SUBSCRIPTION_INACTIVE
+        )
+        assert decide(cached, NOON, TRIAL_DAYS, GRACE_DAYS).standing is Standing.SUBSCRIBED
+
+
+class TestFailedPayment:
+    """A past_due purchase: the verdict names the failure and its grace; the grace is judged
+    at the request's instant, like every other deadline."""
+
+    def test_verdict_carries_the_failure_and_grace_end(self):
+        """Allowed in the grace, the verdict still says when the payment failed and when
+        access ends (the status page's call to action reads them)."""
+        verdict = decide(facts(purchase=failed(AFTER - DAY)), AFTER, TRIAL_DAYS, GRACE_DAYS)
+        assert verdict.allowed
+        assert verdict.payment_failed_at == AFTER - DAY
+        assert verdict.grace_ends_at == AFTER - DAY + GRACE_DAYS * DAY
+
+    def test_grace_ending_at_noon(self):
+        """Facts cached before the grace ends refuse from its last instant on."""
+        cached = facts(free_trial_end_at=BASE, purchase=failed(NOON - GRACE_DAYS * DAY))
+        assert decide(cached, NOON - 1, TRIAL_DAYS, GRACE_DAYS).allowed
+        assert decide(cached, NOON, TRIAL_DAYS, GRACE_DAYS).reason is Reason.PAYMENT_FAILED
+
+    @pytest.mark.parametrize("grace_days", [0, 1, 14, 90])
+    def test_grace_is_the_setting(self, grace_days: int):
+        """The grace is PAST_DUE_GRACE_DAYS long: allowed a second before, refused at it."""
+        cached = facts(purchase=failed(AFTER))
+        end = AFTER + grace_days * DAY
+        if grace_days:
+            assert decide(cached, end - 1, TRIAL_DAYS, grace_days).allowed
+        assert decide(cached, end, TRIAL_DAYS, grace_days).reason is Reason.PAYMENT_FAILED
+
+    def test_the_earliest_failure_is_named(self):
+        """Two failing subscriptions: the verdict names the one whose grace ends first."""
+        org = facts(purchases=(failed(AFTER - DAY), failed(AFTER - 2 * DAY)))
+        assert decide(org, AFTER, TRIAL_DAYS, GRACE_DAYS).payment_failed_at == AFTER - 2 * DAY
+
+    @pytest.mark.parametrize(
+        ("purchase_", "live"),
+        [
+            pytest.param(failed(AFTER - 30 * DAY, expires_at=AFTER - DAY), True, id="past-due"),
+            pytest.param(purchase(expires_at=AFTER - DAY), False, id="active-period-over"),
+            pytest.param(purchase(), True, id="active"),
+            pytest.param(purchase(status="ended"), False, id="ended"),
+        ],
+    )
+    def test_past_due_stays_live_while_stripe_retries(self, purchase_: Purchase, live: bool):
+        """A past_due subscription is live (a second checkout is refused) whatever its
+        period and grace, until Stripe ends it."""
+        assert is_live(purchase_, AFTER) is live
 
 
 class TestIsPaying:
@@ -581,7 +763,7 @@ class TestIsPaying:
     def test_is_paying(self, status: str, now: float, expected: bool):
         """Paying means a paying status and starts_at <= now < expires_at."""
         paid = purchase(status=status, starts_at=BASE, expires_at=BASE + DAY)
-        assert is_paying(paid, now) is expected
+        assert is_paying(paid, now, GRACE_DAYS) is expected
 
     def test_paying_statuses(self):
         """Exactly active, pending_cancel and past_due count as paying."""

@@ -23,7 +23,6 @@ from gateway.accounts.status import (
     human_time,
     organization_status,
     plan_pricing,
-    purchased_seats,
     reminder_stage,
     seats_unlimited,
     trial_stage,
@@ -32,6 +31,7 @@ from gateway.plans import load_catalog
 
 DAY = SECONDS_PER_DAY
 TRIAL_DAYS = 30
+GRACE_DAYS = 14
 CREATED = 1_800_000_000.0
 END = CREATED + TRIAL_DAYS * DAY
 CATALOG = load_catalog()
@@ -44,6 +44,14 @@ def purchase(status: str = "active", seats: int = 5, **times: float) -> Purchase
     starts = times.get("starts_at", END - 365 * DAY)
     expires = times.get("expires_at", END + 365 * DAY)
     return Purchase(status, seats, starts, expires, "yearly")
+
+
+def failed(failed_at: float, seats: int = 5) -> Purchase:
+    """A past_due purchase whose payment failed at `failed_at` (Stripe moved its period on)."""
+    return dataclasses.replace(
+        purchase("past_due", seats, starts_at=failed_at, expires_at=failed_at + 365 * DAY),
+        payment_failed_at=failed_at,
+    )
 
 
 def facts(**changes: Any) -> OrgFacts:
@@ -62,27 +70,45 @@ def facts(**changes: Any) -> OrgFacts:
     return dataclasses.replace(base, **changes)
 
 
+def purchased_seats(org: OrgFacts, now: float) -> int:
+    """The seats the status page shows as purchased at `now`."""
+    return int(status(org, now)["seats"]["purchased"])
+
+
 def level_at(org: OrgFacts, now: float) -> Level:
-    return call_to_action_level(org, decide(org, now, TRIAL_DAYS), now)
+    return call_to_action_level(org, decide(org, now, TRIAL_DAYS, GRACE_DAYS), now)
 
 
 @pytest.mark.parametrize(
     ("seconds_left", "days"),
     [
         (30 * DAY, 30),
+        (30 * DAY - 1, 30),
+        (29.5 * DAY, 30),
+        (29 * DAY, 29),
         (8 * DAY, 8),
-        (8 * DAY - 1, 7),
-        (7.99 * DAY, 7),
+        (8 * DAY - 1, 8),
+        (7 * DAY, 7),
+        (7.01 * DAY, 8),
         (DAY, 1),
-        (DAY - 1, 0),
-        (1, 0),
+        (DAY - 1, 1),
+        (1, 1),
         (0, 0),
         (-5 * DAY, 0),
     ],
 )
-def test_days_remaining_is_floored_and_never_negative(seconds_left: float, days: int) -> None:
-    """Whole days left, rounded down: 0 on the last day and after the end."""
+def test_days_remaining_is_rounded_up_and_never_negative(seconds_left: float, days: int) -> None:
+    """Days left as a person counts them, rounded up: 1 on the last day, 0 from the end."""
     assert days_remaining(END, END - seconds_left) == days
+
+
+@pytest.mark.parametrize("age_seconds", [0, 1, 3600, DAY - 1])
+def test_a_new_organization_reads_30_days_left_all_day(age_seconds: float) -> None:
+    """On the day it is created a 30-day trial has 30 days left, on the status page and in
+    its call to action; not 29 from its first second on."""
+    body = status(facts(), CREATED + age_seconds)
+    assert body["trial"]["days_remaining"] == 30
+    assert body["call_to_action"]["title"] == "30 days left in your free trial"
 
 
 @pytest.mark.parametrize(
@@ -98,10 +124,11 @@ def test_trial_stage_turns_at_the_exact_end(now: float, stage: str) -> None:
     [
         ("just created", facts(), CREATED, Level.INFO),
         ("8 days left", facts(), END - 8 * DAY, Level.INFO),
-        ("7.99 days left", facts(), END - 7.99 * DAY, Level.WARNING),
-        ("a second under 8 days", facts(), END - 8 * DAY + 1, Level.WARNING),
+        ("7.01 days left", facts(), END - 7.01 * DAY, Level.INFO),
+        ("7 days left", facts(), END - 7 * DAY, Level.WARNING),
         ("4 days left", facts(), END - 4 * DAY, Level.WARNING),
-        ("3.99 days left", facts(), END - 3.99 * DAY, Level.URGENT),
+        ("3.01 days left", facts(), END - 3.01 * DAY, Level.WARNING),
+        ("3 days left", facts(), END - 3 * DAY, Level.URGENT),
         ("1 day left", facts(), END - DAY, Level.URGENT),
         ("last second", facts(), END - 1, Level.URGENT),
         ("exactly at the end", facts(), END, Level.BLOCKING),
@@ -110,7 +137,14 @@ def test_trial_stage_turns_at_the_exact_end(now: float, stage: str) -> None:
         ("trialing, lapsed purchase", facts(purchase=purchase("ended")), END - DAY, Level.URGENT),
         ("subscribed", facts(purchase=purchase()), END + DAY, Level.NONE),
         ("pending cancel", facts(purchase=purchase("pending_cancel")), END + DAY, Level.NONE),
-        ("past due", facts(purchase=purchase("past_due")), END + DAY, Level.NONE),
+        ("past due, in grace", facts(purchase=failed(END)), END + DAY, Level.BLOCKING),
+        ("past due, grace over", facts(purchase=failed(END)), END + 15 * DAY, Level.BLOCKING),
+        (
+            "past due, exempt",
+            facts(require_seats=False, purchase=failed(END)),
+            END + DAY,
+            Level.NONE,
+        ),
         ("ended", facts(purchase=purchase("ended")), END + DAY, Level.BLOCKING),
         (
             "period over",
@@ -145,12 +179,14 @@ def test_call_to_action_level(case: str, org: OrgFacts, now: float, level: Level
     [
         ("just created", facts(), CREATED, None),
         ("8 days left", facts(), END - 8 * DAY, None),
-        ("a second under 8 days", facts(), END - 8 * DAY + 1, ReminderStage.DAYS_7),
+        ("a second over 7 days", facts(), END - 7 * DAY - 1, None),
         ("7 days left", facts(), END - 7 * DAY, ReminderStage.DAYS_7),
         ("4 days left", facts(), END - 4 * DAY, ReminderStage.DAYS_7),
-        ("3.99 days left", facts(), END - 3.99 * DAY, ReminderStage.DAYS_3),
+        ("3.01 days left", facts(), END - 3.01 * DAY, ReminderStage.DAYS_7),
+        ("3 days left", facts(), END - 3 * DAY, ReminderStage.DAYS_3),
         ("2 days left", facts(), END - 2 * DAY, ReminderStage.DAYS_3),
-        ("1.99 days left", facts(), END - 1.99 * DAY, ReminderStage.DAYS_1),
+        ("1.01 days left", facts(), END - 1.01 * DAY, ReminderStage.DAYS_3),
+        ("1 day left", facts(), END - DAY, ReminderStage.DAYS_1),
         ("last second", facts(), END - 1, ReminderStage.DAYS_1),
         ("exactly at the end", facts(), END, ReminderStage.EXPIRED),
         ("6.99 days after", facts(), END + 6.99 * DAY, ReminderStage.EXPIRED),
@@ -164,7 +200,7 @@ def test_call_to_action_level(case: str, org: OrgFacts, now: float, level: Level
 )
 def test_reminder_stage(case: str, org: OrgFacts, now: float, stage: ReminderStage | None) -> None:
     """The latest reminder due, by the same whole days as the status page."""
-    assert reminder_stage(org, now, TRIAL_DAYS) == stage, case
+    assert reminder_stage(org, decide(org, now, TRIAL_DAYS, GRACE_DAYS), now) == stage, case
 
 
 @pytest.mark.parametrize(
@@ -218,7 +254,7 @@ def test_seats_unlimited_until_the_first_purchase(
     case: str, org: OrgFacts, now: float, unlimited: bool
 ) -> None:
     """Members are not counted during a trial nothing was bought in, nor when exempt."""
-    assert seats_unlimited(org, decide(org, now, TRIAL_DAYS), now) is unlimited, case
+    assert seats_unlimited(org, decide(org, now, TRIAL_DAYS, GRACE_DAYS)) is unlimited, case
 
 
 def test_seats_of_several_subscriptions_add_up() -> None:
@@ -260,6 +296,7 @@ def test_missing_seats_warning_says_what_happens_at_the_trial_end() -> None:
         name="Acme",
         pending_invitations=0,
         trial_days=TRIAL_DAYS,
+        grace_days=GRACE_DAYS,
         app_url=APP_URL,
         catalog=CATALOG,
     )
@@ -304,7 +341,9 @@ def test_pricing_with_cents_shows_cents() -> None:
 
 
 def cta(org: OrgFacts, now: float) -> dict[str, Any]:
-    return call_to_action(org, decide(org, now, TRIAL_DAYS), now, app_url=APP_URL, catalog=CATALOG)
+    return call_to_action(
+        org, decide(org, now, TRIAL_DAYS, GRACE_DAYS), now, app_url=APP_URL, catalog=CATALOG
+    )
 
 
 @pytest.mark.parametrize(
@@ -312,9 +351,10 @@ def cta(org: OrgFacts, now: float) -> dict[str, Any]:
     [
         (CREATED, "info", "30 days left"),
         (END - 5 * DAY, "warning", "ends in 5 days"),
-        (END - 2.5 * DAY, "urgent", "Only 2 days left"),
-        (END - DAY - 1, "urgent", "Only 1 day left"),
-        (END - 60, "urgent", "ends today"),
+        (END - 2.5 * DAY, "urgent", "Only 3 days left"),
+        (END - 1.5 * DAY, "urgent", "Only 2 days left"),
+        (END - DAY, "urgent", "Only 1 day left"),
+        (END - 60, "urgent", "Only 1 day left"),
         (END, "blocking", "trial has ended"),
     ],
 )
@@ -339,7 +379,7 @@ def test_louder_levels_warn_of_losing_access() -> None:
 def test_blocking_message_is_the_proxys_refusal() -> None:
     """Once blocked, the status page says exactly what the 402 says."""
     org = facts(credits_acquired_microdollars=12_500_000)
-    verdict = decide(org, END + DAY, TRIAL_DAYS)
+    verdict = decide(org, END + DAY, TRIAL_DAYS, GRACE_DAYS)
     assert cta(org, END + DAY)["message"] == refusal_message(
         org, verdict, 12.5, f"{APP_URL}/organizations/{ORG}/billing"
     )
@@ -359,6 +399,7 @@ def status(org: OrgFacts, now: float) -> dict[str, Any]:
         name="Acme",
         pending_invitations=2,
         trial_days=TRIAL_DAYS,
+        grace_days=GRACE_DAYS,
         app_url=APP_URL,
         catalog=CATALOG,
     )
@@ -370,7 +411,7 @@ def test_status_of_a_trialing_teams_organization() -> None:
     body = status(org, CREATED + 0.5 * DAY)
     assert body["trial"] == {
         "ends_at": "2027-02-14T08:00:00Z",
-        "days_remaining": 29,
+        "days_remaining": 30,
         "stage": "trialing",
     }
     assert body["seats"] == {
@@ -417,3 +458,61 @@ def test_status_of_a_subscribed_enterprise_organization() -> None:
     assert body["call_to_action"]["level"] == "none"
     assert body["pricing"]["per_seat_yearly_usd"] == 3588
     assert body["sso"] == {"self_serve": False, "contact_sales_url": CATALOG.contact_sales_url}
+
+
+def test_failed_payment_is_the_loudest_call_to_action_during_its_grace() -> None:
+    """While a payment failed and access goes on, the call to action is blocking, reason
+    payment_failed: when the card was declined, when access stops, who can update it."""
+    org = facts(purchase=failed(END + 2 * DAY))
+    body = status(org, END + 3 * DAY)
+    assert body["access"] == {"allowed": True, "reason": None}
+    action = body["call_to_action"]
+    assert (action["level"], action["reason"]) == ("blocking", "payment_failed")
+    assert action["title"] == "Your payment failed"
+    assert f"declined on {human_time(END + 2 * DAY)}" in action["message"]
+    assert f"keeps working until {human_time(END + 16 * DAY)}" in action["message"]
+    assert "an owner or billing manager can update the card" in action["message"]
+    assert action["message"].endswith(f"Update the card at {action['url']}")
+    assert action["url"] == f"{APP_URL}/organizations/{ORG}/billing"
+
+
+def test_failed_payment_past_its_grace_shows_the_402() -> None:
+    """Once the grace is over the call to action is the proxy's payment_failed refusal."""
+    org = facts(purchase=failed(END + 2 * DAY))
+    now = END + 16 * DAY
+    body = status(org, now)
+    assert body["access"] == {"allowed": False, "reason": "payment_failed"}
+    assert body["credits"]["locked"] is True
+    action = body["call_to_action"]
+    assert (action["level"], action["reason"]) == ("blocking", "payment_failed")
+    verdict = decide(org, now, TRIAL_DAYS, GRACE_DAYS)
+    assert action["message"] == refusal_message(org, verdict, 0.0, action["url"])
+
+
+def test_paid_invoice_clears_the_failed_payment_call_to_action() -> None:
+    """The invoice paid (the purchase active again), the call to action is gone."""
+    org = facts(purchase=purchase(starts_at=END + 2 * DAY))
+    action = status(org, END + 3 * DAY)["call_to_action"]
+    assert (action["level"], action["reason"], action["title"]) == ("none", None, None)
+
+
+SUBSCRIBE_CASES = [
+    pytest.param(facts(), CREATED, id="info"),
+    pytest.param(facts(), END - 5 * DAY, id="warning"),
+    pytest.param(facts(), END - DAY, id="urgent"),
+    pytest.param(facts(), END + DAY, id="trial-expired"),
+    pytest.param(facts(purchase=purchase("ended")), END + DAY, id="subscription-inactive"),
+    pytest.param(facts(seats_used=9, purchase=purchase()), END + DAY, id="seats-exceeded"),
+    pytest.param(facts(seats_used=9, purchase=purchase()), END - DAY, id="seats-short-trial"),
+    pytest.param(facts(purchase=failed(END)), END + DAY, id="payment-failing"),
+    pytest.param(facts(purchase=failed(END)), END + 20 * DAY, id="payment-failed"),
+]
+
+
+@pytest.mark.parametrize(("org", "now"), SUBSCRIBE_CASES)
+def test_every_call_to_action_names_owners_or_billing_managers(org: OrgFacts, now: float) -> None:
+    """Members read these too, and billing managers can subscribe and pay as owners can:
+    every text that asks to subscribe, buy or update a card says who can."""
+    message = cta(org, now)["message"]
+    assert "owner or billing manager" in message.lower()
+    assert "an owner can subscribe" not in message.lower()

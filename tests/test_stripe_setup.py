@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from gateway import config as gateway_config
+from gateway.accounts.stripe_client import PORTAL_METADATA_KEY
 from gateway.accounts.stripe_setup import SetupReport, run_stripe_setup
 from gateway.config import PROJECT_ROOT
 from gateway.plans import load_catalog
@@ -50,9 +51,10 @@ def created(stripe_server: RunningFakeStripe, path: str) -> list[dict[str, Any]]
 
 
 async def test_creates_two_products_and_four_prices(stripe_server: RunningFakeStripe) -> None:
-    """An empty account gets one product per plan and its yearly and monthly seat prices."""
+    """An empty account gets one product per plan and its yearly and monthly seat prices
+    (and the portal configuration: 7 created)."""
     report = await setup_against(stripe_server)
-    assert (report.created, report.mismatched) == (6, 0)
+    assert (report.created, report.mismatched) == (7, 0)
     products = {p["id"]: p for p in stripe_server.state.products.values()}
     assert sorted(p["name"] for p in products.values()) == [
         "Kilo Code Enterprise",
@@ -95,7 +97,7 @@ async def test_existing_product_of_a_plan_is_reused(stripe_server: RunningFakeSt
     product = {"id": new_id("prod"), "object": "product", "name": "Teams", "active": True}
     stripe_server.state.products[product["id"]] = {**product, "metadata": {"kilo_plan": "teams"}}
     report = await setup_against(stripe_server)
-    assert report.created == 5
+    assert report.created == 6  # four prices, the other product, the portal configuration
     assert [p["name"] for p in created(stripe_server, "/v1/products")] == ["Kilo Code Enterprise"]
     teams = [p for p in stripe_server.state.prices.values() if "teams" in p["lookup_key"]]
     assert {p["product"] for p in teams} == {product["id"]}
@@ -153,8 +155,59 @@ async def test_command_prints_what_it_created_then_found(stripe_server: RunningF
     status, stdout, stderr = await run_command(env)
     assert status == 0, stderr
     assert stdout.count("created price") == 4
-    assert "stripe-setup: 6 created" in stdout
+    assert stdout.count("created portal configuration") == 1
+    assert "stripe-setup: 7 created" in stdout
     status, stdout, _ = await run_command(env)
     assert status == 0
     assert stdout.count("found   price") == 4
-    assert "stripe-setup: 0 created" in stdout
+    assert stdout.count("found   portal configuration") == 1
+    assert "stripe-setup: 0 created, 0 updated" in stdout
+
+
+# The Billing Portal configuration.
+
+
+async def test_portal_configuration_is_created_once(stripe_server: RunningFakeStripe) -> None:
+    """Run twice, stripe-setup makes one configuration: card updates, invoice history,
+    cancelling at the period's end, no quantity changes; marked so it is found again."""
+    await setup_against(stripe_server)
+    await setup_against(stripe_server)
+    (configuration,) = stripe_server.state.portal_configurations.values()
+    assert len(created(stripe_server, "/v1/billing_portal/configurations")) == 1
+    assert configuration["metadata"] == {PORTAL_METADATA_KEY: "1"}
+    features = configuration["features"]
+    assert features["payment_method_update"]["enabled"] is True
+    assert features["invoice_history"]["enabled"] is True
+    assert features["subscription_cancel"] == {
+        **features["subscription_cancel"],
+        "enabled": True,
+        "mode": "at_period_end",
+        "proration_behavior": "none",
+    }
+    assert features["subscription_update"]["enabled"] is False
+
+
+async def test_portal_configuration_that_drifted_is_updated(
+    stripe_server: RunningFakeStripe,
+) -> None:
+    """Someone turned quantity updates on in the Dashboard: the next run turns them off
+    again, in the same configuration, and says so."""
+    await setup_against(stripe_server)
+    (configuration,) = stripe_server.state.portal_configurations.values()
+    configuration["features"]["subscription_update"]["enabled"] = True
+    report = await setup_against(stripe_server)
+    assert report.updated == 1
+    assert f"updated portal configuration {configuration['id']} (features)" in report.lines
+    assert configuration["features"]["subscription_update"]["enabled"] is False
+    assert len(stripe_server.state.portal_configurations) == 1
+
+
+async def test_a_configuration_of_someone_else_is_left_alone(
+    stripe_server: RunningFakeStripe,
+) -> None:
+    """A configuration without our mark (the account's default) is neither used nor changed."""
+    theirs = {"id": new_id("bpc"), "active": True, "metadata": {}, "features": {}}
+    stripe_server.state.portal_configurations[theirs["id"]] = theirs
+    await setup_against(stripe_server)
+    assert len(stripe_server.state.portal_configurations) == 2
+    assert theirs["features"] == {}

@@ -9,6 +9,7 @@ fake hold the state an event announces (`publish`), as Stripe would.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -421,6 +422,28 @@ async def test_other_event_types_are_recorded(
         await db.fetchval("SELECT type FROM stripe_events WHERE id = $1", event["id"])
         == "customer.created"
     )
+
+
+async def test_unhandled_event_types_are_logged_at_debug(
+    billing_gateway: RunningGateway,
+    client: aiohttp.ClientSession,
+    seed: Seed,
+    stripe_server: RunningFakeStripe,
+    log_stream: io.StringIO,
+) -> None:
+    """Stripe sends many types the gateway does not handle: their line is at debug, so an
+    info log shows only the events that did something (those stay at info)."""
+    other = event_object("customer.created", {"id": "cus_1", "object": "customer"})
+    assert (await deliver(client, billing_gateway, other))[0] == 200
+    sub = subscription_object(organization_id=await seed.org())
+    created = "customer.subscription.created"
+    status, _ = await publish(client, billing_gateway, stripe_server, created, sub)
+    assert status == 200
+    lines = [json.loads(line) for line in log_stream.getvalue().splitlines() if line[:1] == "{"]
+    levels = {
+        line["event_type"]: line["level"] for line in lines if line.get("event") == "stripe_event"
+    }
+    assert levels == {"customer.created": "debug", created: "info"}
 
 
 async def test_unexpected_failure_is_500_and_rolls_back(

@@ -42,10 +42,16 @@ class Policy:
     trial_days: int
     mode: EnforcementMode
     app_url: str
+    grace_days: int
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
-        return cls(config.trial_days, config.enforcement_mode, config.app_url)
+        return cls(
+            config.trial_days,
+            config.enforcement_mode,
+            config.app_url,
+            config.past_due_grace_days,
+        )
 
 
 POLICY = web.AppKey("policy", Policy)
@@ -90,6 +96,7 @@ def admit(
         facts,
         now,
         trial_days=policy.trial_days,
+        grace_days=policy.grace_days,
         mode=policy.mode,
         app_url=policy.app_url,
         unwritten_microdollars=unwritten_microdollars,

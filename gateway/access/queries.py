@@ -47,7 +47,8 @@ SELECT o.id::text AS id, o.created_at, o.free_trial_end_at, o.require_seats, o.p
          WHERE m.organization_id = o.id AND m.role <> 'billing_manager') AS seats_used,
        array(
            SELECT ROW(p.subscription_status, p.seat_count, p.starts_at, p.expires_at,
-                      p.billing_cycle, p.subscription_stripe_id, p.stripe_status)
+                      p.billing_cycle, p.subscription_stripe_id, p.stripe_status,
+                      p.payment_failed_at)
            FROM (
                SELECT DISTINCT ON (subscription_stripe_id) *
                FROM organization_seats_purchases
@@ -99,7 +100,9 @@ async def fetch_org_facts(conn: Queryable, organization_id: str) -> OrgFacts | N
 
 def _purchase(fields: tuple[Any, ...]) -> Purchase:
     """One subscription's row, in the order `_FACTS_SQL` builds it."""
-    status, seat_count, starts_at, expires_at, billing_cycle, subscription_id, stripe = fields
+    status, seat_count, starts_at, expires_at, billing_cycle, subscription_id, stripe, failed = (
+        fields
+    )
     return Purchase(
         status=status,
         seat_count=seat_count,
@@ -108,4 +111,5 @@ def _purchase(fields: tuple[Any, ...]) -> Purchase:
         billing_cycle=billing_cycle,
         subscription_id=subscription_id,
         stripe_status=stripe,
+        payment_failed_at=None if failed is None else failed.timestamp(),
     )

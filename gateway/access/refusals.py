@@ -27,6 +27,7 @@ _TITLES = {
     Reason.SUBSCRIPTION_INACTIVE: "Your subscription is not active",
     Reason.SEATS_EXCEEDED: "Your organization needs more seats",
     Reason.INSUFFICIENT_CREDITS: "Your organization is out of credits",
+    Reason.PAYMENT_FAILED: "Your payment failed",
 }
 
 
@@ -49,7 +50,7 @@ def balance_usd(balance_microdollars: int) -> float:
 
 
 def billing_url(app_url: str, organization_id: str) -> str:
-    """Where an owner buys a plan, seats or credits for the organization."""
+    """Where an owner or billing manager buys a plan, seats or credits for the organization."""
     return f"{app_url}/organizations/{organization_id}/billing"
 
 
@@ -58,6 +59,7 @@ def check(
     now: float,
     *,
     trial_days: int,
+    grace_days: int,
     mode: EnforcementMode,
     app_url: str,
     unwritten_microdollars: int = 0,
@@ -68,7 +70,7 @@ def check(
     For metered requests `requested_model` names the model, asked only when the balance
     (the database's, less what this process charged and has not written yet) is used up.
     """
-    verdict = decide(facts, now, trial_days)
+    verdict = decide(facts, now, trial_days, grace_days)
     balance = facts.balance_microdollars - unwritten_microdollars
     if (
         verdict.allowed
@@ -108,17 +110,22 @@ def payment_required(
             "organization_id": facts.organization_id,
             "trial_ends_at": iso_utc(verdict.trial_ends_at),
             "seats_used": facts.seats_used,
-            "seats_purchased": seats_purchased(facts, verdict),
+            # The status page's `seats.purchased` too: `rule.paid_seats`, through the verdict.
+            "seats_purchased": verdict.seats_purchased,
+            **_failure_metadata(verdict),
         },
     )
 
 
-def seats_purchased(facts: OrgFacts, verdict: Verdict) -> int:
-    """The seats the payment dialog shows: those paying now, added up; for a subscription
-    that lapsed, those of the newest one, which is what would be renewed."""
-    if verdict.reason is Reason.SUBSCRIPTION_INACTIVE and facts.purchases:
-        return facts.purchases[0].seat_count
-    return verdict.seats_purchased
+def _failure_metadata(verdict: Verdict) -> dict[str, str]:
+    """When a refused organization's payment failed and its grace ended."""
+    if verdict.reason is not Reason.PAYMENT_FAILED or verdict.payment_failed_at is None:
+        return {}
+    assert verdict.grace_ends_at is not None
+    return {
+        "payment_failed_at": iso_utc(verdict.payment_failed_at),
+        "grace_ends_at": iso_utc(verdict.grace_ends_at),
+    }
 
 
 def refusal_message(facts: OrgFacts, verdict: Verdict, balance: float, link: str) -> str:
@@ -144,6 +151,16 @@ def refusal_message(facts: OrgFacts, verdict: Verdict, balance: float, link: str
             f"Your organization's credit balance is ${balance:,.2f}; models whose id ends in"
             " :free stay available meanwhile. An owner or billing manager can buy credits."
             f" Buy credits at {link}"
+        )
+    if verdict.reason is Reason.PAYMENT_FAILED:
+        assert verdict.payment_failed_at is not None and verdict.grace_ends_at is not None
+        failed = iso_utc(verdict.payment_failed_at)[:10]
+        stopped = iso_utc(verdict.grace_ends_at)[:10]
+        return (
+            f"The card paying for your organization's subscription was declined on {failed},"
+            f" and Kilo Code stopped working at the end of the grace period ({stopped})."
+            " An owner or billing manager can update the card to keep using Kilo Code."
+            f"{locked} Update the card at {link}"
         )
     if verdict.reason is Reason.SUBSCRIPTION_INACTIVE:
         return (

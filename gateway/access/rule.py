@@ -8,11 +8,19 @@ The gateway caches facts, never verdicts, so an organization whose trial ends at
    the organization is trialing: allowed, seats unlimited.
 2. After it, `require_seats = false` exempts the organization (internal, design partners).
 3. Otherwise at least one of its purchases (each Stripe subscription's newest state) must
-   be active, pending_cancel or past_due with `starts_at <= now < expires_at`, monthly or
-   yearly alike. If none is: `trial_expired` when it never had a purchase,
-   `subscription_inactive` when it had one.
+   pay at `now`: active or pending_cancel with `starts_at <= now < expires_at`, monthly
+   or yearly alike, or past_due within its grace (below). If none does:
+   `trial_expired` when it never had a purchase, `payment_failed` when one is past_due
+   past its grace, else `subscription_inactive`.
 4. Seats used (members who are not billing managers) above the seats of all its paying
    purchases added up: `seats_exceeded`.
+
+A past_due purchase (a payment failed and Stripe is retrying it) pays from `starts_at`
+until `payment_failed_at + grace_days`, whatever its `expires_at`: the grace holds after
+the period's end passes while Stripe retries (a renewal that fails leaves the old
+period's row, or a new period Stripe already moved to), and a failed renewal never buys
+the new period. Without a recorded failure instant the grace counts from `starts_at`
+(Stripe charges at the start of a period). `invoice.paid` makes it active again.
 
 Spending is judged after access (`decide_credits`): an organization that may use the
 proxy but has no credit left (balance at or below zero) is refused paid models with
@@ -23,14 +31,16 @@ from __future__ import annotations
 
 import dataclasses
 from enum import StrEnum
+from typing import Any
 
-# The rule's refusals are four of the gateway's reasons (TRIAL_EXPIRED,
+# The rule's refusals are five of the gateway's reasons (TRIAL_EXPIRED, PAYMENT_FAILED,
 # SUBSCRIPTION_INACTIVE, SEATS_EXCEEDED, INSUFFICIENT_CREDITS).
 from gateway.errors import Reason
 
 SECONDS_PER_DAY = 86_400
 FREE_MODEL_SUFFIX = ":free"
-PAYING_STATUSES = frozenset({"active", "pending_cancel", "past_due"})
+PAST_DUE = "past_due"
+PAYING_STATUSES = frozenset({"active", "pending_cancel", PAST_DUE})
 
 
 class Standing(StrEnum):
@@ -52,6 +62,8 @@ class Purchase:
     subscription_id: str = ""
     # Stripe's own status (`trialing`, `active`, ...); None for rows written before it was kept.
     stripe_status: str | None = None
+    # While past_due: when the payment first failed (the grace counts from it).
+    payment_failed_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,6 +97,12 @@ class Verdict:
     trial_ends_at: float
     # The seats of every purchase paying at the instant judged, added up.
     seats_purchased: int = 0
+    # A payment that failed and is not paid yet (a past_due purchase): when it failed and
+    # when its grace ends, whether or not that has passed.
+    payment_failed_at: float | None = None
+    grace_ends_at: float | None = None
+    # Some purchase pays at the instant judged (even one of 0 seats).
+    paying: bool = False
 
     @property
     def trialing(self) -> bool:
@@ -99,41 +117,81 @@ def trial_end(facts: OrgFacts, trial_days: int) -> float:
     return facts.created_at + trial_days * SECONDS_PER_DAY
 
 
-def is_paying(purchase: Purchase, now: float) -> bool:
-    """True when the purchase is in a paying status and its period covers `now`."""
+def failed_at(purchase: Purchase) -> float:
+    """When a past_due purchase's payment failed: as recorded, else its period's start."""
+    if purchase.payment_failed_at is not None:
+        return purchase.payment_failed_at
+    return purchase.starts_at
+
+
+def grace_ends_at(payment_failed_at: float, grace_days: int) -> float:
+    """When access ends after a payment failed at `payment_failed_at`, unless it is paid."""
+    return payment_failed_at + grace_days * SECONDS_PER_DAY
+
+
+def grace_end(purchase: Purchase, grace_days: int) -> float:
+    """When a past_due purchase stops paying: its failure plus the grace."""
+    return grace_ends_at(failed_at(purchase), grace_days)
+
+
+def is_paying(purchase: Purchase, now: float, grace_days: int) -> bool:
+    """True when the purchase pays for `now`: within its period, or past_due within grace."""
+    if purchase.status == PAST_DUE:
+        return purchase.starts_at <= now < grace_end(purchase, grace_days)
     return purchase.status in PAYING_STATUSES and purchase.starts_at <= now < purchase.expires_at
 
 
 def is_live(purchase: Purchase, now: float) -> bool:
-    """True while the subscription is in a paying status and its period has not ended."""
-    return purchase.status in PAYING_STATUSES and now < purchase.expires_at
+    """True while the subscription goes on at Stripe: paying and its period not over, or
+    past_due (Stripe retries the payment until it is paid or the subscription ends)."""
+    return purchase.status == PAST_DUE or (
+        purchase.status in PAYING_STATUSES and now < purchase.expires_at
+    )
 
 
-def paying_purchases(facts: OrgFacts, now: float) -> tuple[Purchase, ...]:
+def paying_purchases(facts: OrgFacts, now: float, grace_days: int) -> tuple[Purchase, ...]:
     """The purchases that pay for seats at `now`."""
-    return tuple(p for p in facts.purchases if is_paying(p, now))
+    return tuple(p for p in facts.purchases if is_paying(p, now, grace_days))
 
 
-def paid_seats(facts: OrgFacts, now: float) -> int:
-    """The seats of every purchase paying at `now`, added up (0 without one)."""
-    return sum(p.seat_count for p in paying_purchases(facts, now))
+def paid_seats(facts: OrgFacts, now: float, grace_days: int) -> int:
+    """The seats purchased at `now`: every paying purchase's, added up (0 without one).
+
+    The one count of purchased seats: the 402's `metadata.seats_purchased`, the status
+    page's `seats.purchased` and the invitation cap all read it (through the verdict).
+    A lapsed or cancelled subscription pays for none.
+    """
+    return sum(p.seat_count for p in paying_purchases(facts, now, grace_days))
 
 
-def decide(facts: OrgFacts, now: float, trial_days: int) -> Verdict:
-    """Apply the rule to `facts` at UNIX time `now`."""
+def failed_payment(facts: OrgFacts) -> Purchase | None:
+    """The past_due purchase whose payment failed first, or None when none is past_due."""
+    failing = [p for p in facts.purchases if p.status == PAST_DUE]
+    return min(failing, key=failed_at) if failing else None
+
+
+def decide(facts: OrgFacts, now: float, trial_days: int, grace_days: int) -> Verdict:
+    """Apply the rule to `facts` at UNIX time `now` (past_due pays for `grace_days`)."""
     ends_at = trial_end(facts, trial_days)
-    seats = paid_seats(facts, now)
+    paying = paying_purchases(facts, now, grace_days)
+    seats = paid_seats(facts, now, grace_days)
+    failing = failed_payment(facts)
+    found: dict[str, Any] = {"seats_purchased": seats, "paying": bool(paying)}
+    if failing is not None:
+        found["payment_failed_at"] = failed_at(failing)
+        found["grace_ends_at"] = grace_end(failing, grace_days)
     if now < ends_at:
-        return Verdict(True, Standing.TRIALING, None, ends_at, seats)
+        return Verdict(True, Standing.TRIALING, None, ends_at, **found)
     if not facts.require_seats:
-        return Verdict(True, Standing.EXEMPT, None, ends_at, seats)
+        return Verdict(True, Standing.EXEMPT, None, ends_at, **found)
     if not facts.purchases:
-        return Verdict(False, Standing.BLOCKED, Reason.TRIAL_EXPIRED, ends_at)
-    if not paying_purchases(facts, now):
-        return Verdict(False, Standing.BLOCKED, Reason.SUBSCRIPTION_INACTIVE, ends_at)
+        return Verdict(False, Standing.BLOCKED, Reason.TRIAL_EXPIRED, ends_at, **found)
+    if not paying:
+        reason = Reason.SUBSCRIPTION_INACTIVE if failing is None else Reason.PAYMENT_FAILED
+        return Verdict(False, Standing.BLOCKED, reason, ends_at, **found)
     if facts.seats_used > seats:
-        return Verdict(False, Standing.BLOCKED, Reason.SEATS_EXCEEDED, ends_at, seats)
-    return Verdict(True, Standing.SUBSCRIBED, None, ends_at, seats)
+        return Verdict(False, Standing.BLOCKED, Reason.SEATS_EXCEEDED, ends_at, **found)
+    return Verdict(True, Standing.SUBSCRIBED, None, ends_at, **found)
 
 
 def is_free_model(model: str | None) -> bool:

@@ -3,6 +3,9 @@
     POST /api/organizations/{id}/subscription/checkout  {"seats": 5, "billing_cycle": "yearly"}
     POST /api/organizations/{id}/credits/checkout       {"amount_usd": 50}
 
+A credits checkout by an organization the rule refuses now still goes ahead, and says
+(`credits_locked`, `message`) that the credits stay locked until access is restored.
+
 Both are for owners and billing managers, answer `{"url", "session_id"}` of a Stripe
 Checkout Session and change nothing here: what was bought arrives later through the
 webhook (`webhooks.py`). Each organization has one Stripe customer, created on its first
@@ -32,6 +35,7 @@ from gateway.access.members import authorize_member
 from gateway.access.queries import Queryable, fetch_org_facts
 from gateway.access.refusals import billing_url, iso_utc
 from gateway.access.rule import OrgFacts, Purchase, is_live, trial_end
+from gateway.accounts.credit_locks import credits_notice
 from gateway.accounts.payloads import choice_field, json_object
 from gateway.accounts.stripe_client import StripeApi, require_stripe, stripe_api
 from gateway.config import CONFIG, Config
@@ -299,12 +303,17 @@ async def credits_checkout_handler(request: web.Request) -> web.Response:
     """Start a Checkout Session (payment mode) buying credits."""
     api, org, body = await billing_caller(request)
     cents = parse_amount_cents(body)
+    config = request.app[CONFIG]
+    timeout = config.database_query_timeout_seconds
+    facts = await run_query(request.app[POOL], timeout, fetch_org_facts, org.id)
     customer_id = await ensure_customer(request.app, api, org)
-    params = credits_session_params(request.app[CONFIG], org, customer_id, cents)
+    params = credits_session_params(config, org, customer_id, cents)
     parts: list[object] = [org.id, customer_id, cents]
     key = idempotency_key("credits", parts, client_idempotency_key(request), now())
     session = await api.create_checkout_session(params, key)
-    return web.json_response({"url": session.url, "session_id": session.id})
+    # Never refused: a blocked organization may buy ahead, but is told the credits wait.
+    notice = credits_notice(facts, now(), config)
+    return web.json_response({"url": session.url, "session_id": session.id, **notice})
 
 
 def client_idempotency_key(request: web.Request) -> str | None:

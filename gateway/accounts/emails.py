@@ -24,6 +24,11 @@ RETURNING id
 """
 
 _USER_EMAIL_SQL = "SELECT email FROM users WHERE id = $1"
+_BILLING_CONTACTS_SQL = """
+SELECT u.email FROM organization_memberships m JOIN users u ON u.id = m.user_id
+WHERE m.organization_id = $1::uuid AND m.role IN ('owner', 'billing_manager')
+ORDER BY u.email
+"""
 
 _ROLE_NAMES = {"owner": "an owner", "member": "a member", "billing_manager": "a billing manager"}
 
@@ -56,6 +61,11 @@ async def user_address(conn: Queryable, user_id: str) -> str:
     """The email address of a user (users always have one)."""
     address: str = await conn.fetchval(_USER_EMAIL_SQL, user_id)
     return address
+
+
+async def billing_contacts(conn: Queryable, organization_id: str) -> list[str]:
+    """The addresses of the organization's owners and billing managers, sorted."""
+    return [r[0] for r in await conn.fetch(_BILLING_CONTACTS_SQL, organization_id)]
 
 
 def welcome_email(
@@ -148,6 +158,30 @@ Subscribe on the billing page; the annual plan is {price_display}.
 {billing_url}
 """
     return Email(f"trial_reminder_{stage.value}", to, _REMINDER_SUBJECTS[stage], body)
+
+
+def payment_failed_email(
+    *,
+    to: str,
+    organization_name: str,
+    failed_at: float,
+    grace_ends_at: float,
+    billing_url: str,
+) -> Email:
+    """A subscription's payment failed: to the owners and billing managers, once per invoice."""
+    body = f"""The payment for the Kilo Code subscription of "{organization_name}" failed on
+{human_time(failed_at)}: the card was declined.
+
+Kilo Code keeps working for your members until {human_time(grace_ends_at)}. An owner or
+billing manager can update the card on the billing page before then; Stripe tries the
+payment again meanwhile, and once it is paid nothing stops.
+{billing_url}
+
+After {human_time(grace_ends_at)}, until the payment goes through, Kilo Code stops working
+for every member and purchased credits stay locked.
+"""
+    subject = f"Payment failed for {organization_name}: update your card"
+    return Email("payment_failed", to, subject, body)
 
 
 def sales_contact_email(

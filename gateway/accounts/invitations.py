@@ -33,7 +33,7 @@ from gateway.accounts.organizations import (
     membership_changed,
 )
 from gateway.accounts.payloads import choice_field, json_object, string_field
-from gateway.accounts.status import has_seat_for, purchased_seats, seats_unlimited
+from gateway.accounts.status import has_seat_for, seats_unlimited
 from gateway.common.context import CONTEXT
 from gateway.config import CONFIG, Config
 from gateway.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Reason
@@ -106,8 +106,8 @@ async def ensure_seat(
     now = time.time()
     open_seats = await count_pending_invitations(conn, organization_id, billing_managers=False)
     taken = facts.seats_used + (open_seats if pending else 0)
-    purchased = purchased_seats(facts, now)
-    unlimited = seats_unlimited(facts, decide(facts, now, config.trial_days), now)
+    verdict = decide(facts, now, config.trial_days, config.past_due_grace_days)
+    purchased, unlimited = verdict.seats_purchased, seats_unlimited(facts, verdict)
     if has_seat_for(role, unlimited=unlimited, taken=taken, purchased=purchased):
         return
     raise Conflict(

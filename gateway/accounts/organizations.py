@@ -176,6 +176,7 @@ async def status_handler(request: web.Request) -> web.Response:
         name=name,
         pending_invitations=pending,
         trial_days=config.trial_days,
+        grace_days=config.past_due_grace_days,
         app_url=config.app_url,
         catalog=config.catalog,
     )

@@ -22,8 +22,8 @@ from aiohttp import web
 
 from gateway.access.queries import Queryable, fetch_org_facts
 from gateway.access.refusals import billing_url
-from gateway.access.rule import OrgFacts, trial_end
-from gateway.accounts.emails import queue_email, trial_reminder_email
+from gateway.access.rule import OrgFacts, decide, trial_end
+from gateway.accounts.emails import billing_contacts, queue_email, trial_reminder_email
 from gateway.accounts.status import (
     EXPIRED_REMINDER_WINDOW_SECONDS,
     ReminderStage,
@@ -35,7 +35,7 @@ from gateway.platform.database import POOL, UNAVAILABLE_ERRORS
 
 log = structlog.get_logger("gateway.reminders")
 
-# The earliest reminder goes out with fewer than 8 whole days left.
+# The earliest reminder goes out with 7 days left (rounded up): within the next 8 days.
 LOOKAHEAD_DAYS = 8
 
 _CANDIDATES_SQL = """
@@ -45,11 +45,6 @@ WHERE require_seats
       BETWEEN $1::timestamptz - make_interval(secs => $3)
           AND $1::timestamptz + make_interval(days => $4)
 ORDER BY id
-"""
-_RECIPIENTS_SQL = """
-SELECT u.email FROM organization_memberships m JOIN users u ON u.id = m.user_id
-WHERE m.organization_id = $1::uuid AND m.role IN ('owner', 'billing_manager')
-ORDER BY u.email
 """
 _NAME_SQL = "SELECT name FROM organizations WHERE id = $1::uuid"
 
@@ -76,8 +71,11 @@ async def queue_due_reminders(conn: Queryable, now: float, config: Config) -> in
     queued = 0
     for organization_id in await candidate_organizations(conn, now, config.trial_days):
         facts = await fetch_org_facts(conn, organization_id)
-        stage = None if facts is None else reminder_stage(facts, now, config.trial_days)
-        if facts is not None and stage is not None:
+        if facts is None:
+            continue
+        verdict = decide(facts, now, config.trial_days, config.past_due_grace_days)
+        stage = reminder_stage(facts, verdict, now)
+        if stage is not None:
             queued += await queue_reminder(conn, facts, stage, config)
     return queued
 
@@ -86,7 +84,7 @@ async def queue_reminder(
     conn: Queryable, facts: OrgFacts, stage: ReminderStage, config: Config
 ) -> int:
     """Queue the stage's reminder to the owners and billing managers; 0 if already queued."""
-    recipients = [r[0] for r in await conn.fetch(_RECIPIENTS_SQL, facts.organization_id)]
+    recipients = await billing_contacts(conn, facts.organization_id)
     if not recipients:
         return 0
     email = trial_reminder_email(

@@ -4,15 +4,17 @@ Pure functions of the organization's facts (the proxy's own `OrgFacts`) and a cl
 UNIX seconds; the handlers fetch the facts and act. Access is always `rule.decide`'s
 verdict on those facts, never a second copy of the rule.
 
-The call to action grows louder as the trial ends, by whole days left (floored):
+The call to action grows louder as the trial ends, by days left (the time left rounded
+up to whole days, as a person counts: 30 on the day an organization is created):
 
+    access refused (trial over and not paying, ...)     blocking, the 402's reason and text
+    a payment failed, within its grace (past_due)       blocking, `payment_failed`
     exempt (require_seats = false)                      none
-    access refused (trial over and not paying)          blocking
     paying, enough seats                                none
     paid during the trial, more members than seats      warning, urgent from 3 days left
-    8 days or more left                                 info
+    more than 7 days left                               info
     4 to 7 days left                                    warning
-    0 to 3 days left                                    urgent
+    1 to 3 days left                                    urgent
 
 Seats are unlimited only during a trial nothing was bought in, and for exempt
 organizations: from the first purchase on, its seats (all paying subscriptions' added
@@ -21,6 +23,9 @@ up) cap invitations, though the proxy stays open until the trial ends.
 Trial reminder emails follow the same days: `7_days` from 7 days left, `3_days` from 3,
 `1_day` from 1, `expired` in the week after the trial ends; only the latest one due is
 sent, so a reminder never says "7 days left" when one is.
+
+Every judgement here is the verdict's (`rule.decide`): paying, seats purchased, the
+failed payment and its grace.
 """
 
 from __future__ import annotations
@@ -40,9 +45,6 @@ from gateway.access.rule import (
     Verdict,
     decide,
     is_live,
-    paid_seats,
-    paying_purchases,
-    trial_end,
 )
 from gateway.plans import Catalog
 
@@ -75,12 +77,14 @@ _BLOCKING_TITLES = {
     Reason.TRIAL_EXPIRED: "Your free trial has ended",
     Reason.SUBSCRIPTION_INACTIVE: "Your subscription is not active",
     Reason.SEATS_EXCEEDED: "Your organization needs more seats",
+    Reason.PAYMENT_FAILED: "Your payment failed",
 }
 
 
 def days_remaining(trial_ends_at: float, now: float) -> int:
-    """Whole days left in the trial, floored: 0 on its last day and after it."""
-    return max(0, math.floor((trial_ends_at - now) / SECONDS_PER_DAY))
+    """Days left in the trial, rounded up to whole days (30 on the day a 30-day trial
+    starts, 1 on its last day); 0 from its end on."""
+    return max(0, math.ceil((trial_ends_at - now) / SECONDS_PER_DAY))
 
 
 def trial_stage(trial_ends_at: float, now: float) -> str:
@@ -88,28 +92,18 @@ def trial_stage(trial_ends_at: float, now: float) -> str:
     return "trialing" if now < trial_ends_at else "expired"
 
 
-def has_paying_purchase(facts: OrgFacts, now: float) -> bool:
-    """True when one of the organization's purchases is paid for and covers `now`."""
-    return bool(paying_purchases(facts, now))
-
-
-def purchased_seats(facts: OrgFacts, now: float) -> int:
-    """Seats the paying purchases pay for now, added up (0 without one)."""
-    return paid_seats(facts, now)
-
-
-def seats_unlimited(facts: OrgFacts, verdict: Verdict, now: float) -> bool:
+def seats_unlimited(facts: OrgFacts, verdict: Verdict) -> bool:
     """True while members are not counted: exempt, or trialing with nothing bought yet."""
     if not facts.require_seats:
         return True
-    return verdict.trialing and not has_paying_purchase(facts, now)
+    return verdict.trialing and not verdict.paying
 
 
-def seats_short(facts: OrgFacts, verdict: Verdict, now: float) -> int:
+def seats_short(facts: OrgFacts, verdict: Verdict) -> int:
     """How many more members there are than seats bought (0 when unlimited or enough)."""
-    if seats_unlimited(facts, verdict, now):
+    if seats_unlimited(facts, verdict):
         return 0
-    return max(0, facts.seats_used - paid_seats(facts, now))
+    return max(0, facts.seats_used - verdict.seats_purchased)
 
 
 def has_seat_for(role: str, *, unlimited: bool, taken: int, purchased: int) -> bool:
@@ -120,13 +114,13 @@ def has_seat_for(role: str, *, unlimited: bool, taken: int, purchased: int) -> b
 
 def call_to_action_level(facts: OrgFacts, verdict: Verdict, now: float) -> Level:
     """How loudly to ask for an upgrade, given the verdict on `facts` at `now`."""
-    if not verdict.allowed:
+    if not verdict.allowed or payment_failing(facts, verdict):
         return Level.BLOCKING
     if not facts.require_seats or verdict.standing is not Standing.TRIALING:
         return Level.NONE
     days = days_remaining(verdict.trial_ends_at, now)
-    if has_paying_purchase(facts, now):
-        if not seats_short(facts, verdict, now):
+    if verdict.paying:
+        if not seats_short(facts, verdict):
             return Level.NONE
         return Level.WARNING if days > URGENT_DAYS else Level.URGENT
     if days > WARNING_DAYS:
@@ -134,11 +128,17 @@ def call_to_action_level(facts: OrgFacts, verdict: Verdict, now: float) -> Level
     return Level.WARNING if days > URGENT_DAYS else Level.URGENT
 
 
-def reminder_stage(facts: OrgFacts, now: float, trial_days: int) -> ReminderStage | None:
-    """The trial reminder due for the organization at `now`, if any (not paying, not exempt)."""
-    if not facts.require_seats or has_paying_purchase(facts, now):
+def payment_failing(facts: OrgFacts, verdict: Verdict) -> bool:
+    """True while a payment failed and access goes on in its grace (exempt orgs aside)."""
+    return facts.require_seats and verdict.allowed and verdict.payment_failed_at is not None
+
+
+def reminder_stage(facts: OrgFacts, verdict: Verdict, now: float) -> ReminderStage | None:
+    """The trial reminder due at `now` by the verdict on `facts`, if any (not when paying
+    or exempt)."""
+    if not facts.require_seats or verdict.paying:
         return None
-    ends_at = trial_end(facts, trial_days)
+    ends_at = verdict.trial_ends_at
     if now >= ends_at:
         return ReminderStage.EXPIRED if now - ends_at < EXPIRED_REMINDER_WINDOW_SECONDS else None
     days = days_remaining(ends_at, now)
@@ -183,7 +183,14 @@ def call_to_action(
     level = call_to_action_level(facts, verdict, now)
     url = billing_url(app_url, facts.organization_id)
     title, message = _texts(level, facts, verdict, now, catalog, url)
-    return {"level": level.value, "title": title, "message": message, "url": url}
+    reason = verdict.reason or (Reason.PAYMENT_FAILED if payment_failing(facts, verdict) else None)
+    return {
+        "level": level.value,
+        "reason": None if reason is None else reason.value,
+        "title": title,
+        "message": message,
+        "url": url,
+    }
 
 
 def _texts(
@@ -192,12 +199,20 @@ def _texts(
     ends = human_time(verdict.trial_ends_at)
     days = days_remaining(verdict.trial_ends_at, now)
     price = plan_pricing(catalog, facts.plan)["display"]
-    if level is Level.BLOCKING:
-        assert verdict.reason is not None
+    if level is Level.BLOCKING and verdict.reason is not None:
         balance = balance_usd(facts.balance_microdollars)
         return _BLOCKING_TITLES[verdict.reason], refusal_message(facts, verdict, balance, link)
-    if level is not Level.NONE and has_paying_purchase(facts, now):
-        purchased = paid_seats(facts, now)
+    if level is Level.BLOCKING:
+        assert verdict.payment_failed_at is not None and verdict.grace_ends_at is not None
+        return _BLOCKING_TITLES[Reason.PAYMENT_FAILED], (
+            "The card paying for your organization's subscription was declined on"
+            f" {human_time(verdict.payment_failed_at)}. Kilo Code keeps working until"
+            f" {human_time(verdict.grace_ends_at)}, then stops for every member until the"
+            " payment goes through: an owner or billing manager can update the card on the"
+            f" billing page. Update the card at {link}"
+        )
+    if level is not Level.NONE and verdict.paying:
+        purchased = verdict.seats_purchased
         return _BLOCKING_TITLES[Reason.SEATS_EXCEEDED], (
             f"Your organization has {_count(facts.seats_used, 'member')} but pays for"
             f" {_count(purchased, 'seat')}. At {ends}, when the free trial ends, Kilo Code"
@@ -205,11 +220,10 @@ def _texts(
             " seats on the billing page or an owner removes members."
         )
     if level is Level.URGENT:
-        title = "Your free trial ends today" if days == 0 else f"Only {_days(days)} left"
-        return title, (
+        return f"Only {_days(days)} left", (
             f"Subscribe now. At {ends} Kilo Code stops working for every member of your"
-            " organization, and purchased credits stay locked until you subscribe on the"
-            f" billing page. The annual plan is {price}."
+            " organization, and purchased credits stay locked until an owner or billing"
+            f" manager subscribes on the billing page. The annual plan is {price}."
         )
     if level is Level.WARNING:
         return f"Your free trial ends in {_days(days)}", (
@@ -221,8 +235,8 @@ def _texts(
         name = catalog.plans[facts.plan].name
         return f"{_days(days)} left in your free trial", (
             f"Your {name} trial runs until {ends}, with as many members as you like."
-            " Buy credits on the billing page to start using paid models, and subscribe"
-            f" whenever you are ready: the annual plan is {price}."
+            " An owner or billing manager can buy credits on the billing page to start using"
+            f" paid models, and subscribe whenever you are ready: the annual plan is {price}."
         )
     return None, None
 
@@ -242,11 +256,12 @@ def organization_status(
     name: str,
     pending_invitations: int,
     trial_days: int,
+    grace_days: int,
     app_url: str,
     catalog: Catalog,
 ) -> dict[str, Any]:
     """Everything the organization page shows, judged at `now`."""
-    verdict = decide(facts, now, trial_days)
+    verdict = decide(facts, now, trial_days, grace_days)
     return {
         "id": facts.organization_id,
         "name": name,
@@ -259,9 +274,9 @@ def organization_status(
         },
         "seats": {
             "used": facts.seats_used,
-            "purchased": purchased_seats(facts, now),
-            "unlimited": seats_unlimited(facts, verdict, now),
-            "short": seats_short(facts, verdict, now),
+            "purchased": verdict.seats_purchased,
+            "unlimited": seats_unlimited(facts, verdict),
+            "short": seats_short(facts, verdict),
             "pending_invitations": pending_invitations,
         },
         "subscription": _subscription(facts, now),

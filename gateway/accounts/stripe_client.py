@@ -35,6 +35,8 @@ STRIPE_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
 # Price ids move only when stripe-setup moves a lookup key; an hour bounds the staleness.
 PRICE_CACHE_TTL_SECONDS = 3600.0
 SETUP_HINT = "run `python -m gateway stripe-setup` to create the products and prices"
+# Marks the Billing Portal configuration stripe-setup manages, so it is found again.
+PORTAL_METADATA_KEY = "kilo_portal"
 
 
 class StripeApi:
@@ -44,6 +46,8 @@ class StripeApi:
         self.client = client
         self._http_client = http_client
         self._price_ids: TTLCache[str, str] = TTLCache(maxsize=64, ttl=PRICE_CACHE_TTL_SECONDS)
+        # The portal configuration's id, which moves as seldom as the prices.
+        self._portal: TTLCache[str, str] = TTLCache(maxsize=1, ttl=PRICE_CACHE_TTL_SECONDS)
 
     async def close(self) -> None:
         """Close the HTTP connections to Stripe."""
@@ -115,6 +119,104 @@ class StripeApi:
             found = await self.client.v1.subscriptions.retrieve_async(subscription_id)
         result: dict[str, Any] = found.to_dict()
         return result
+
+    async def subscription_with(self, subscription_id: str, expand: list[str]) -> dict[str, Any]:
+        """The subscription as Stripe holds it now, with the `expand`ed references inline."""
+        params = {"expand": expand}
+        with provider_errors("read the subscription"):
+            found = await self.client.v1.subscriptions.retrieve_async(
+                subscription_id, params=cast(Any, params)
+            )
+        result: dict[str, Any] = found.to_dict()
+        return result
+
+    async def update_subscription(
+        self, subscription_id: str, params: Mapping[str, Any], idempotency_key: str
+    ) -> dict[str, Any]:
+        """Change a subscription (its items' quantities, ...); returns it as changed."""
+        with provider_errors("change the subscription"):
+            found = await self.client.v1.subscriptions.update_async(
+                subscription_id,
+                params=cast(Any, params),
+                options={"idempotency_key": idempotency_key},
+            )
+        result: dict[str, Any] = found.to_dict()
+        return result
+
+    async def create_schedule(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Create a subscription schedule (here: from a subscription, to change it later).
+
+        No key of ours: one made from the request would replay a schedule since released;
+        the library's own key still makes its retries safe, and Stripe refuses a second
+        schedule on one subscription."""
+        with provider_errors("schedule the change"):
+            found = await self.client.v1.subscription_schedules.create_async(
+                params=cast(Any, params)
+            )
+        result: dict[str, Any] = found.to_dict()
+        return result
+
+    async def update_schedule(self, schedule_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Replace a schedule's phases (and end behaviour)."""
+        with provider_errors("schedule the change"):
+            found = await self.client.v1.subscription_schedules.update_async(
+                schedule_id, params=cast(Any, params)
+            )
+        result: dict[str, Any] = found.to_dict()
+        return result
+
+    async def release_schedule(self, schedule_id: str) -> None:
+        """Detach a schedule from its subscription, dropping the changes it still held."""
+        with provider_errors("cancel the scheduled change"):
+            await self.client.v1.subscription_schedules.release_async(schedule_id)
+
+    async def portal_configurations(self) -> list[dict[str, Any]]:
+        """Every active Billing Portal configuration in the account."""
+        params = {"active": True, "limit": 100}
+        configurations = self.client.v1.billing_portal.configurations
+        with provider_errors("list the billing portal configurations"):
+            page = await configurations.list_async(params=cast(Any, params))
+            return [c.to_dict() async for c in page.auto_paging_iter()]
+
+    async def create_portal_configuration(
+        self, params: Mapping[str, Any], idempotency_key: str
+    ) -> str:
+        """Create a Billing Portal configuration; returns its id."""
+        with provider_errors("create the billing portal configuration"):
+            created = await self.client.v1.billing_portal.configurations.create_async(
+                params=cast(Any, params), options={"idempotency_key": idempotency_key}
+            )
+        return created.id
+
+    async def update_portal_configuration(
+        self, configuration_id: str, params: Mapping[str, Any]
+    ) -> None:
+        """Change a Billing Portal configuration's features."""
+        with provider_errors("update the billing portal configuration"):
+            await self.client.v1.billing_portal.configurations.update_async(
+                configuration_id, params=cast(Any, params)
+            )
+
+    async def portal_configuration_id(self) -> str:
+        """The id of the configuration stripe-setup made (cached); 503 when there is none."""
+        cached = self._portal.get(PORTAL_METADATA_KEY)
+        if cached is not None:
+            return cached
+        for configuration in await self.portal_configurations():
+            if (configuration.get("metadata") or {}).get(PORTAL_METADATA_KEY):
+                self._portal[PORTAL_METADATA_KEY] = str(configuration["id"])
+                return self._portal[PORTAL_METADATA_KEY]
+        raise BillingUnavailable(
+            f"Billing is not set up yet: Stripe has no billing portal configuration ({SETUP_HINT})."
+        )
+
+    async def create_portal_session(self, params: Mapping[str, Any]) -> str:
+        """Create a Billing Portal session; returns its URL (valid for a few minutes)."""
+        with provider_errors("open the billing portal"):
+            session = await self.client.v1.billing_portal.sessions.create_async(
+                params=cast(Any, params)
+            )
+        return str(session.url)
 
 
 @contextlib.contextmanager

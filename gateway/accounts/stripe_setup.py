@@ -6,6 +6,14 @@ run creates nothing. A product is found through one of its plan's prices, else b
 `kilo_plan` metadata, else created. A price whose amount or interval differs from the
 file is reported, never changed: Stripe prices are immutable, and moving a lookup key
 to a new price is a decision for a person.
+
+It also makes the Billing Portal configuration the portal sessions use
+(`POST /api/organizations/{id}/billing/portal`): card updates, invoice history and
+cancelling at the period's end, with subscription updates off, since seats change through
+`POST .../subscription/seats` (which keeps a decrease for the next period and never goes
+below the members). It is found again by its `kilo_portal` metadata; one whose features
+differ from these is updated, since stripe-setup owns it (unlike a price, it is mutable
+and nothing refers to its old state).
 """
 
 from __future__ import annotations
@@ -13,11 +21,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gateway.accounts.stripe_client import StripeApi, new_stripe_api
+from gateway.accounts.stripe_client import PORTAL_METADATA_KEY, StripeApi, new_stripe_api
 from gateway.config import Config
 from gateway.plans import Catalog, Plan, Price
 
 PLAN_METADATA_KEY = "kilo_plan"
+PORTAL_NAME = "Kilo Code organizations"
+# What the portal offers; compared with what Stripe holds, key by key.
+PORTAL_FEATURES: dict[str, Any] = {
+    "payment_method_update": {"enabled": True},
+    "invoice_history": {"enabled": True},
+    # No refunds for cancelling (the spec's non-requirement): access lasts the period out.
+    "subscription_cancel": {"enabled": True, "mode": "at_period_end", "proration_behavior": "none"},
+    "subscription_update": {"enabled": False},
+}
 
 
 @dataclasses.dataclass
@@ -26,6 +43,7 @@ class SetupReport:
 
     lines: list[str] = dataclasses.field(default_factory=list)
     created: int = 0
+    updated: int = 0
     mismatched: int = 0
 
 
@@ -33,7 +51,9 @@ async def run_stripe_setup(config: Config) -> SetupReport:
     """Ensure the catalog exists in the Stripe account of `config`."""
     api = new_stripe_api(config)
     try:
-        return await ensure_catalog(api, config.catalog)
+        report = await ensure_catalog(api, config.catalog)
+        await ensure_portal_configuration(api, report)
+        return report
     finally:
         await api.close()
 
@@ -125,3 +145,39 @@ def describe(catalog: Catalog, price: Price) -> str:
         f"{price.lookup_key}: {price.unit_amount_cents} {catalog.currency} "
         f"per seat per {price.interval}"
     )
+
+
+def portal_params() -> dict[str, Any]:
+    """The Billing Portal configuration stripe-setup creates."""
+    return {
+        "name": PORTAL_NAME,
+        "features": PORTAL_FEATURES,
+        "metadata": {PORTAL_METADATA_KEY: "1"},
+    }
+
+
+def has_features(found: Any, wanted: Any) -> bool:
+    """True when `found` holds every key of `wanted` with the same value (Stripe adds more)."""
+    if isinstance(wanted, dict):
+        return isinstance(found, dict) and all(
+            has_features(found.get(key), value) for key, value in wanted.items()
+        )
+    return bool(found == wanted)
+
+
+async def ensure_portal_configuration(api: StripeApi, report: SetupReport) -> str:
+    """The id of our Billing Portal configuration: found (updated if it differs), else new."""
+    for found in await api.portal_configurations():
+        if not (found.get("metadata") or {}).get(PORTAL_METADATA_KEY):
+            continue
+        if has_features(found.get("features"), PORTAL_FEATURES):
+            report.lines.append(f"found   portal configuration {found['id']}")
+        else:
+            await api.update_portal_configuration(found["id"], {"features": PORTAL_FEATURES})
+            report.lines.append(f"updated portal configuration {found['id']} (features)")
+            report.updated += 1
+        return str(found["id"])
+    configuration_id = await api.create_portal_configuration(portal_params(), "portal-config-1")
+    report.lines.append(f"created portal configuration {configuration_id}")
+    report.created += 1
+    return configuration_id

@@ -25,6 +25,11 @@ up. A subscription with none grants nothing; if it granted seats before, it is e
 The cycle is `yearly` for a yearly price, else `monthly`; the period is the seat item's
 (the subscription's, in API versions before 2025-03); a trialing subscription's period
 ends at its trial's end, when Stripe charges for the first time.
+
+A past_due state carries `payment_failed_at`, the instant its payment failed, from which
+the rule counts the grace: the creation time of the first event that found it past_due,
+kept by every later row while it stays past_due, so Stripe's retries (each one another
+`invoice.payment_failed`) never extend the grace. Any other state has none.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class SubscriptionState:
     starts_at: datetime
     expires_at: datetime
     grants_seats: bool = True  # False: none of its prices is ours
+    payment_failed_at: datetime | None = None  # while past_due: when the payment failed
 
 
 def object_id(value: Any) -> str | None:
@@ -162,7 +168,8 @@ WHERE stripe_subscriptions.version IS NOT DISTINCT FROM $5::bigint
 RETURNING version
 """
 _LATEST_SQL = """
-SELECT subscription_status, seat_count, billing_cycle, starts_at, expires_at, stripe_status
+SELECT subscription_status, seat_count, billing_cycle, starts_at, expires_at, stripe_status,
+       payment_failed_at
 FROM organization_seats_purchases
 WHERE organization_id = $1::uuid AND subscription_stripe_id = $2
 ORDER BY created_at DESC, id DESC
@@ -173,8 +180,8 @@ LIMIT 1
 _INSERT_PURCHASE_SQL = """
 INSERT INTO organization_seats_purchases (organization_id, subscription_stripe_id, seat_count,
     subscription_status, billing_cycle, starts_at, expires_at, idempotency_key, stripe_status,
-    created_at)
-VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, clock_timestamp())
+    payment_failed_at, created_at)
+VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10, clock_timestamp())
 ON CONFLICT (idempotency_key) DO NOTHING
 """
 
@@ -220,7 +227,20 @@ def _row_state(state: SubscriptionState) -> tuple[Any, ...]:
         state.starts_at,
         state.expires_at,
         state.stripe_status,
+        state.payment_failed_at,
     )
+
+
+def with_failure(
+    state: SubscriptionState, latest: asyncpg.Record | None, event_created: datetime
+) -> SubscriptionState:
+    """The state with its payment failure: kept from the newest row while past_due, else
+    this event's time (the first to find it past_due); none when it is not past_due."""
+    if state.status != "past_due":
+        return dataclasses.replace(state, payment_failed_at=None)
+    if latest is not None and latest["payment_failed_at"] is not None:
+        return dataclasses.replace(state, payment_failed_at=latest["payment_failed_at"])
+    return dataclasses.replace(state, payment_failed_at=event_created)
 
 
 def _ended(latest: asyncpg.Record, state: SubscriptionState, now: datetime) -> SubscriptionState:
@@ -261,6 +281,7 @@ async def apply_subscription(
         if latest is None or latest["subscription_status"] == "ended":
             return "not_ours"
         state, outcome = _ended(latest, state, datetime.now(UTC)), "not_ours_ended"
+    state = with_failure(state, latest, event_created)
     if latest is not None and tuple(latest) == _row_state(state):
         # Nothing to write, so nothing to order: a read older than the row changes nothing.
         return "unchanged"
@@ -278,5 +299,6 @@ async def apply_subscription(
         state.expires_at,
         event_id,
         state.stripe_status,
+        state.payment_failed_at,
     )
     return outcome

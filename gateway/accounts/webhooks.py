@@ -15,10 +15,12 @@
      the same subscription meanwhile, the transaction is undone and the subscription read
      again (`ConcurrentUpdate`), at most `SYNC_ATTEMPTS` times. A subscription with no
      price of ours grants nothing and is logged at warning;
+   - `invoice.payment_failed` also emails the owners and billing managers, once per
+     invoice, while the subscription is past_due (`payment_failures.py`);
    - a paid credits checkout (`checkout.session.completed`, or
      `checkout.session.async_payment_succeeded` for delayed payment methods): one ledger
      row per payment intent, however often it is delivered;
-   - any other type is only recorded.
+   - any other type is only recorded (and logged at debug: Stripe sends many).
 4. Events are expected in `STRIPE_API_VERSION`, the webhook endpoint's version; another
    is logged at warning (only ids are read from an event, the rest from Stripe).
 5. An unexpected failure is a 500 and rolls everything back, the event id included, so
@@ -36,6 +38,7 @@ import structlog
 from aiohttp import web
 
 from gateway.access.queries import Queryable
+from gateway.accounts.payment_failures import PAYMENT_FAILED_EVENT, queue_failure_email
 from gateway.accounts.stripe_client import (
     STRIPE_API_VERSION,
     StripeApi,
@@ -54,7 +57,6 @@ from gateway.accounts.stripe_subscriptions import (
 from gateway.common.money import MICRODOLLARS_PER_USD
 from gateway.config import CONFIG, Config
 from gateway.errors import BadRequest, BillingUnavailable, InternalError, Reason
-from gateway.plans import Catalog
 from gateway.platform.database import POOL, run_query
 
 log = structlog.get_logger("gateway.webhooks")
@@ -67,9 +69,10 @@ SUBSCRIPTION_EVENTS = frozenset(
         "customer.subscription.deleted",
     }
 )
-INVOICE_EVENTS = frozenset({"invoice.paid", "invoice.payment_failed"})
+INVOICE_EVENTS = frozenset({"invoice.paid", PAYMENT_FAILED_EVENT})
 CHECKOUT_COMPLETED = "checkout.session.completed"
 CREDIT_EVENTS = frozenset({CHECKOUT_COMPLETED, "checkout.session.async_payment_succeeded"})
+HANDLED_EVENTS = SUBSCRIPTION_EVENTS | INVOICE_EVENTS | CREDIT_EVENTS
 DUPLICATE = "duplicate"
 NOT_OURS = frozenset({"not_ours", "not_ours_ended"})
 # Reads of one subscription racing each other: each lost race means another state was
@@ -199,7 +202,7 @@ class ReadBack:
 
 
 async def apply_event(
-    conn: Queryable, event: Event, read_back: ReadBack | None, catalog: Catalog
+    conn: Queryable, event: Event, read_back: ReadBack | None, config: Config
 ) -> str:
     """Apply one event (already recorded) in the caller's transaction; returns the outcome."""
     payment = credit_payment(event)
@@ -213,24 +216,29 @@ async def apply_event(
         fallback = canonical_uuid(metadata.get("organization_id")) or canonical_uuid(
             event.object.get("client_reference_id")
         )
-    return await apply_subscription(
+    state = subscription_state(read_back.subscription, config.catalog)
+    outcome = await apply_subscription(
         conn,
-        subscription_state(read_back.subscription, catalog),
+        state,
         event_id=event.id,
         event_created=event.created,
         read_version=read_back.version,
         fallback_organization_id=fallback,
     )
+    invoice_id = object_id(event.object)
+    if event.type == PAYMENT_FAILED_EVENT and invoice_id is not None:
+        await queue_failure_email(conn, invoice_id, state.subscription_id, config)
+    return outcome
 
 
 async def record_and_apply(
-    conn: asyncpg.Connection, event: Event, read_back: ReadBack | None, catalog: Catalog
+    conn: asyncpg.Connection, event: Event, read_back: ReadBack | None, config: Config
 ) -> str:
     """Record and apply the event in one transaction; `duplicate` when it was seen before."""
     async with conn.transaction():
         if not await record_event(conn, event):
             return DUPLICATE
-        return await apply_event(conn, event, read_back, catalog)
+        return await apply_event(conn, event, read_back, config)
 
 
 def webhook_secret(config: Config) -> str:
@@ -248,16 +256,14 @@ async def receive(app: web.Application, api: StripeApi, event: Event) -> str:
     pool, timeout = app[POOL], config.database_query_timeout_seconds
     subscription_id = None if credit_payment(event) else related_subscription_id(event)
     if subscription_id is None:
-        return await run_query(pool, timeout, record_and_apply, event, None, config.catalog)
+        return await run_query(pool, timeout, record_and_apply, event, None, config)
     for _attempt in range(SYNC_ATTEMPTS):
         # Read before Stripe is: a state another delivery writes after this point may be
         # newer than the one fetched below, which is then not written (ConcurrentUpdate).
         version = await run_query(pool, timeout, subscription_version, subscription_id)
         read_back = ReadBack(await api.retrieve_subscription(subscription_id), version)
         try:
-            outcome = await run_query(
-                pool, timeout, record_and_apply, event, read_back, config.catalog
-            )
+            outcome = await run_query(pool, timeout, record_and_apply, event, read_back, config)
         except ConcurrentUpdate:
             log.info("stripe_subscription_read_again", subscription_id=subscription_id)
             continue
@@ -304,7 +310,9 @@ async def webhook_handler(request: web.Request) -> web.Response:
         outcome = DUPLICATE
     else:
         outcome = await receive(request.app, api, event)
-    log.info("stripe_event", event_id=event.id, event_type=event.type, outcome=outcome)
+    # Stripe sends every event type the endpoint subscribes to; the others are noise.
+    log_event = log.info if event.type in HANDLED_EVENTS else log.debug
+    log_event("stripe_event", event_id=event.id, event_type=event.type, outcome=outcome)
     if outcome == DUPLICATE:
         return web.json_response({"received": True, "duplicate": True})
     return web.json_response({"received": True})
