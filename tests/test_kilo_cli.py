@@ -14,7 +14,7 @@ import os
 import platform
 import shutil
 import subprocess
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -182,12 +182,18 @@ async def test_every_kind_of_402_prints_the_billing_link(
     await seed.purchase(crowded, seat_count=1)
     await seed.member(crowded, await seed.user())
     broke = await seed.org(credits_acquired_microdollars=0)
+    # A renewal declined three weeks ago: past PAST_DUE_GRACE_DAYS (14).
+    declined = await seed.org(age=EXPIRED)
+    await seed.purchase(
+        declined, status="past_due", starts_at=datetime.now(UTC) - timedelta(days=21)
+    )
     cases = []
     for name, org in [
         ("trial", trial_over),
         ("lapsed", lapsed),
         ("seats", crowded),
         ("credits", broke),
+        ("payment", declined),
     ]:
         _user, token = await seed.member_with_key(org)
         # Half in organization mode, half plain: the link is the same either way.
