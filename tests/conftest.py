@@ -30,6 +30,7 @@ from gateway.platform.logs import setup_logging
 from gateway.platform.migrations import migrate
 from gateway.serve.runner import runner_for
 from tests.factories import Seed
+from tests.fake_stripe import RunningFakeStripe, start_fake_stripe
 
 TEMPLATE_DB = "gateway_test_template"
 UPSTREAM_TEST_KEY = "sk-or-v1-test-upstream-key-never-shown-0123456789"
@@ -277,3 +278,12 @@ def blockbuster() -> Iterator[BlockBuster]:
         yield checker
     finally:
         checker.deactivate()
+
+
+@pytest.fixture
+async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
+    """The test Stripe server, with no objects in it (a module whose tests need a catalog
+    or stripe-setup's objects defines its own)."""
+    running = await start_fake_stripe()
+    yield running
+    await running.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -29,20 +29,11 @@ from tests.fake_stripe import (
     SECRET_KEY,
     RunningFakeStripe,
     add_catalog_prices,
-    start_fake_stripe,
     stripe_env,
 )
 
 APP_URL = "https://app.example.test"
 CATALOG = load_catalog()
-
-
-@pytest.fixture
-async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
-    """The fake Stripe API, with no objects in it."""
-    running = await start_fake_stripe()
-    yield running
-    await running.close()
 
 
 @pytest.fixture

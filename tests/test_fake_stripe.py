@@ -20,19 +20,11 @@ from tests.fake_stripe import (
     SECRET_KEY,
     RunningFakeStripe,
     add_catalog_prices,
-    start_fake_stripe,
     subscription_object,
 )
 
 CATALOG = load_catalog()
 DAY = 86_400
-
-
-@pytest.fixture
-async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
-    running = await start_fake_stripe()
-    yield running
-    await running.close()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ server behind the outbox.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -34,7 +34,6 @@ from tests.fake_stripe import (
     RunningFakeStripe,
     event_object,
     new_id,
-    start_fake_stripe,
     stripe_env,
     subscription_object,
 )
@@ -45,13 +44,6 @@ GRACE_DAYS = 14
 # A change takes effect on the proxy within a second of its webhook.
 DEADLINE_SECONDS = 1.0
 FAILED = "invoice.payment_failed"
-
-
-@pytest.fixture
-async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
-    running = await start_fake_stripe()
-    yield running
-    await running.close()
 
 
 @pytest.fixture

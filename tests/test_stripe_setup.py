@@ -9,17 +9,14 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
 
 from gateway import config as gateway_config
 from gateway.accounts.stripe_client import PORTAL_METADATA_KEY
 from gateway.accounts.stripe_setup import SetupReport, run_stripe_setup
 from gateway.config import PROJECT_ROOT
 from gateway.plans import load_catalog
-from tests.fake_stripe import RunningFakeStripe, new_id, start_fake_stripe, stripe_env
+from tests.fake_stripe import RunningFakeStripe, new_id, stripe_env
 
 COMMAND_TIMEOUT_SECONDS = 30.0
 CATALOG = load_catalog()
@@ -29,14 +26,6 @@ EXPECTED_PRICES = {
     "kilo_enterprise_seat_yearly": (358800, "year"),
     "kilo_enterprise_seat_monthly": (29900, "month"),
 }
-
-
-@pytest.fixture
-async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
-    """An empty fake Stripe account."""
-    running = await start_fake_stripe()
-    yield running
-    await running.close()
 
 
 async def setup_against(stripe_server: RunningFakeStripe) -> SetupReport:

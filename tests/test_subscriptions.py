@@ -16,7 +16,7 @@ import io
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,7 +40,6 @@ from tests.fake_stripe import (
     RunningFakeStripe,
     add_catalog_prices,
     event_object,
-    start_fake_stripe,
     stripe_env,
     subscription_object,
 )
@@ -53,13 +52,6 @@ DEADLINE_SECONDS = 1.0
 CREATED = "customer.subscription.created"
 UPDATED = "customer.subscription.updated"
 DELETED = "customer.subscription.deleted"
-
-
-@pytest.fixture
-async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
-    running = await start_fake_stripe()
-    yield running
-    await running.close()
 
 
 @pytest.fixture

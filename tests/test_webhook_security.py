@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -34,7 +34,6 @@ from tests.fake_stripe import (
     RunningFakeStripe,
     event_object,
     new_id,
-    start_fake_stripe,
     stripe_env,
     subscription_object,
 )
@@ -54,13 +53,6 @@ WEBHOOK_TABLES = (
     "organization_seats_purchases",
     "credit_transactions",
 )
-
-
-@pytest.fixture
-async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
-    running = await start_fake_stripe()
-    yield running
-    await running.close()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -29,7 +29,6 @@ from tests.fake_stripe import (
     RunningFakeStripe,
     event_object,
     new_id,
-    start_fake_stripe,
     stripe_env,
     subscription_object,
 )
@@ -39,14 +38,6 @@ EXPIRED = timedelta(days=40)
 UNBLOCK_DEADLINE_SECONDS = 1.0
 POLL_INTERVAL_SECONDS = 0.01
 DAY_SECONDS = 86_400
-
-
-@pytest.fixture
-async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
-    """The fake Stripe API, for the subscriptions the webhook reads back."""
-    running = await start_fake_stripe()
-    yield running
-    await running.close()
 
 
 @pytest.fixture
