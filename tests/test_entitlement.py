@@ -468,8 +468,8 @@ def test_seats_purchased_agrees_with_the_status_page(
     org: OrgFacts, reason: Reason, seats_purchased: int
 ) -> None:
     """The 402's metadata.seats_purchased is the status page's seats.purchased, after a
-    cancellation or a lapse too: both are `rule.paid_seats` at the instant (0 when nothing
-    pays)."""
+    cancellation or a lapse too: both are the verdict's `seats_purchased` at the instant
+    (0 when nothing pays)."""
     page = organization_status(
         org,
         AFTER,

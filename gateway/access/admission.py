@@ -9,6 +9,7 @@ check, and records the verdict (`record_verdict`, `record_refusal`).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 from aiohttp import web
 
@@ -57,8 +58,7 @@ class Policy:
 POLICY = web.AppKey("policy", Policy)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):
     """A request let through: for whom, and the reason shadow mode would have refused it.
 
     `needs_model` says the verdict is not settled yet: the credits are used up, and only

@@ -6,9 +6,9 @@ whole token, which is what `api_keys.key_hash` holds.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
+from typing import NamedTuple
 
 from multidict import CIMultiDictProxy
 
@@ -32,9 +32,11 @@ MAX_TOKEN_LENGTH = 512
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Caller:
-    """An authenticated user acting for an organization they are a member of."""
+class Caller(NamedTuple):
+    """An authenticated user acting for an organization they are a member of.
+
+    This and the request path's other per-request values are named tuples: a frozen
+    dataclass costs about a microsecond to build, a tuple a tenth of that."""
 
     user_id: str
     organization_id: str

@@ -6,9 +6,9 @@ refusal into the 402 the Kilo Code extension shows in its payment dialog.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from gateway.access.rule import (
     OrgFacts,
@@ -31,8 +31,7 @@ _TITLES = {
 }
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What to do with a request: forward it, and the reason it would have been refused."""
 
     verdict: Verdict
@@ -110,7 +109,7 @@ def payment_required(
             "organization_id": facts.organization_id,
             "trial_ends_at": iso_utc(verdict.trial_ends_at),
             "seats_used": facts.seats_used,
-            # The status page's `seats.purchased` too: `rule.paid_seats`, through the verdict.
+            # The status page's `seats.purchased` too (the verdict's one count).
             "seats_purchased": verdict.seats_purchased,
             **_failure_metadata(verdict),
         },

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from enum import StrEnum
-from typing import Any
+from typing import NamedTuple
 
 # The rule's refusals are five of the gateway's reasons (TRIAL_EXPIRED, PAYMENT_FAILED,
 # SUBSCRIPTION_INACTIVE, SEATS_EXCEEDED, INSUFFICIENT_CREDITS).
@@ -87,15 +87,19 @@ class OrgFacts:
         return self.credits_acquired_microdollars - self.credits_used_microdollars
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Verdict:
-    """The rule's answer: allowed or not, why, and the trial end it was judged against."""
+class Verdict(NamedTuple):
+    """The rule's answer: allowed or not, why, and the trial end it was judged against.
+
+    A named tuple, not a frozen dataclass: one is made for every proxied request, and a
+    frozen dataclass costs about 1.5 us to build where a tuple costs a tenth of that."""
 
     allowed: bool
     standing: Standing
     reason: Reason | None
     trial_ends_at: float
-    # The seats of every purchase paying at the instant judged, added up.
+    # The seats of every purchase paying at the instant judged, added up: the one count
+    # of purchased seats (the 402's `metadata.seats_purchased`, the status page's
+    # `seats.purchased`, the invitation cap); 0 once a subscription lapsed or ended.
     seats_purchased: int = 0
     # A payment that failed and is not paid yet (a past_due purchase): when it failed and
     # when its grace ends, whether or not that has passed.
@@ -149,49 +153,47 @@ def is_live(purchase: Purchase, now: float) -> bool:
     )
 
 
-def paying_purchases(facts: OrgFacts, now: float, grace_days: int) -> tuple[Purchase, ...]:
-    """The purchases that pay for seats at `now`."""
-    return tuple(p for p in facts.purchases if is_paying(p, now, grace_days))
-
-
-def paid_seats(facts: OrgFacts, now: float, grace_days: int) -> int:
-    """The seats purchased at `now`: every paying purchase's, added up (0 without one).
-
-    The one count of purchased seats: the 402's `metadata.seats_purchased`, the status
-    page's `seats.purchased` and the invitation cap all read it (through the verdict).
-    A lapsed or cancelled subscription pays for none.
-    """
-    return sum(p.seat_count for p in paying_purchases(facts, now, grace_days))
-
-
-def failed_payment(facts: OrgFacts) -> Purchase | None:
-    """The past_due purchase whose payment failed first, or None when none is past_due."""
-    failing = [p for p in facts.purchases if p.status == PAST_DUE]
-    return min(failing, key=failed_at) if failing else None
-
-
 def decide(facts: OrgFacts, now: float, trial_days: int, grace_days: int) -> Verdict:
-    """Apply the rule to `facts` at UNIX time `now` (past_due pays for `grace_days`)."""
+    """Apply the rule to `facts` at UNIX time `now` (past_due pays for `grace_days`).
+
+    Runs on every proxied request: one pass over the purchases, and none for the common
+    organization that has none (a trial)."""
     ends_at = trial_end(facts, trial_days)
-    paying = paying_purchases(facts, now, grace_days)
-    seats = paid_seats(facts, now, grace_days)
-    failing = failed_payment(facts)
-    found: dict[str, Any] = {"seats_purchased": seats, "paying": bool(paying)}
-    if failing is not None:
-        found["payment_failed_at"] = failed_at(failing)
-        found["grace_ends_at"] = grace_end(failing, grace_days)
-    if now < ends_at:
-        return Verdict(True, Standing.TRIALING, None, ends_at, **found)
-    if not facts.require_seats:
-        return Verdict(True, Standing.EXEMPT, None, ends_at, **found)
     if not facts.purchases:
-        return Verdict(False, Standing.BLOCKED, Reason.TRIAL_EXPIRED, ends_at, **found)
+        if now < ends_at:
+            return Verdict(True, Standing.TRIALING, None, ends_at)
+        if not facts.require_seats:
+            return Verdict(True, Standing.EXEMPT, None, ends_at)
+        return Verdict(False, Standing.BLOCKED, Reason.TRIAL_EXPIRED, ends_at)
+    seats, paying, failing = 0, False, None
+    for purchase in facts.purchases:
+        if is_paying(purchase, now, grace_days):
+            seats += purchase.seat_count
+            paying = True
+        if purchase.status == PAST_DUE and (
+            failing is None or failed_at(purchase) < failed_at(failing)
+        ):
+            failing = purchase
+    failed = grace = None
+    if failing is not None:
+        failed, grace = failed_at(failing), grace_end(failing, grace_days)
+
+    def verdict(allowed: bool, standing: Standing, reason: Reason | None) -> Verdict:
+        return Verdict(allowed, standing, reason, ends_at, seats, failed, grace, paying)
+
+    if now < ends_at:
+        return verdict(True, Standing.TRIALING, None)
+    if not facts.require_seats:
+        return verdict(True, Standing.EXEMPT, None)
     if not paying:
-        reason = Reason.SUBSCRIPTION_INACTIVE if failing is None else Reason.PAYMENT_FAILED
-        return Verdict(False, Standing.BLOCKED, reason, ends_at, **found)
+        return verdict(
+            False,
+            Standing.BLOCKED,
+            Reason.PAYMENT_FAILED if failing else Reason.SUBSCRIPTION_INACTIVE,
+        )
     if facts.seats_used > seats:
-        return Verdict(False, Standing.BLOCKED, Reason.SEATS_EXCEEDED, ends_at, **found)
-    return Verdict(True, Standing.SUBSCRIBED, None, ends_at, **found)
+        return verdict(False, Standing.BLOCKED, Reason.SEATS_EXCEEDED)
+    return verdict(True, Standing.SUBSCRIBED, None)
 
 
 def is_free_model(model: str | None) -> bool:
@@ -203,4 +205,4 @@ def decide_credits(verdict: Verdict, balance_microdollars: int, model_is_free: b
     """Refuse a paid model to an allowed organization whose balance is at or below zero."""
     if not verdict.allowed or model_is_free or balance_microdollars > 0:
         return verdict
-    return dataclasses.replace(verdict, allowed=False, reason=Reason.INSUFFICIENT_CREDITS)
+    return verdict._replace(allowed=False, reason=Reason.INSUFFICIENT_CREDITS)
