@@ -76,13 +76,19 @@ async def authenticate(headers: CIMultiDictProxy[str], cache: FactsCache) -> Api
     return key
 
 
+def canonical_id(value: str) -> str | None:
+    """A UUID written in its canonical 8-4-4-4-12 form, lowercased; else None."""
+    return value.lower() if _UUID.fullmatch(value) is not None else None
+
+
 def parse_organization_id(value: str, source: str = f"The {ORGANIZATION_HEADER} header") -> str:
     """The canonical form of an organization id from a header or path, or 400."""
-    if _UUID.fullmatch(value) is None:
+    organization_id = canonical_id(value)
+    if organization_id is None:
         raise BadRequest(
             f"{source} must be an organization id (a UUID).", reason=Reason.INVALID_ORGANIZATION_ID
         )
-    return value.lower()
+    return organization_id
 
 
 def refuse_other_organizations(key: ApiKey, organization_id: str) -> None:

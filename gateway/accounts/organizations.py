@@ -48,11 +48,11 @@ INSERT INTO organization_memberships (organization_id, user_id, role)
 VALUES ($1::uuid, $2, $3)
 """
 _NAME_SQL = "SELECT name FROM organizations WHERE id = $1::uuid"
-# Pending: neither accepted nor revoked, and not yet expired.
-_PENDING_SQL = """
+# Pending: neither accepted nor revoked, and not yet expired (every query says it so).
+PENDING_INVITATION = "accepted_at IS NULL AND revoked_at IS NULL AND expires_at > now()"
+_PENDING_SQL = f"""
 SELECT count(*) FROM organization_invitations
-WHERE organization_id = $1::uuid AND accepted_at IS NULL AND revoked_at IS NULL
-  AND expires_at > now() AND ($2 OR role <> 'billing_manager')
+WHERE organization_id = $1::uuid AND {PENDING_INVITATION} AND ($2 OR role <> 'billing_manager')
 """
 _SALES_CONTACT_SQL = """
 INSERT INTO sales_contact_requests (organization_id, user_id, topic, message)
@@ -64,11 +64,14 @@ SELECT m.user_id, u.email, m.role, m.created_at
 FROM organization_memberships m JOIN users u ON u.id = m.user_id
 WHERE m.organization_id = $1::uuid ORDER BY m.created_at, m.user_id
 """
-_PENDING_LIST_SQL = """
-SELECT id::text, email, role, created_at, expires_at FROM organization_invitations
-WHERE organization_id = $1::uuid AND accepted_at IS NULL AND revoked_at IS NULL
-  AND expires_at > now()
-ORDER BY created_at, id
+# Newest first; the sender is a user id, or null once that user is deleted.
+_PENDING_LIST_SQL = f"""
+SELECT id::text, email, role, invited_by,
+       (SELECT u.email FROM users u WHERE u.id = invited_by) AS invited_by_email,
+       created_at, expires_at
+FROM organization_invitations
+WHERE organization_id = $1::uuid AND {PENDING_INVITATION}
+ORDER BY created_at DESC, id DESC
 """
 _LOCK_ORG_SQL = "SELECT name, plan FROM organizations WHERE id = $1::uuid FOR NO KEY UPDATE"
 
@@ -249,9 +252,15 @@ async def fetch_members(
     members = await conn.fetch(_MEMBERS_SQL, organization_id)
     listing: dict[str, Any] = {"members": [_with_times(r) for r in members]}
     if with_invitations:
-        pending = await conn.fetch(_PENDING_LIST_SQL, organization_id)
-        listing["invitations"] = [_with_times(r) for r in pending]
+        listing["invitations"] = await list_pending_invitations(conn, organization_id)
     return listing
+
+
+async def list_pending_invitations(
+    conn: asyncpg.Connection, organization_id: str
+) -> list[dict[str, Any]]:
+    """The organization's pending invitations, newest first; never a token or its hash."""
+    return [_with_times(r) for r in await conn.fetch(_PENDING_LIST_SQL, organization_id)]
 
 
 def _with_times(row: Any) -> dict[str, Any]:
