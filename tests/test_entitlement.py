@@ -339,7 +339,7 @@ class TestMessages:
                 grace_days=GRACE_DAYS,
                 mode=EnforcementMode.ENFORCE,
                 app_url=APP_URL,
-                requested_model=lambda: "openai/gpt-4o",
+                model="openai/gpt-4o",
             )
         assert caught.value.reason == Reason.INSUFFICIENT_CREDITS.value
         assert ":free" in caught.value.message

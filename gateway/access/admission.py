@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway.access.auth import Caller
 from gateway.access.cache import FactsCache
-from gateway.access.refusals import check, needs_model
+from gateway.access.refusals import UNREAD, Unread, check, needs_model
 from gateway.access.rule import OrgFacts
 from gateway.common.context import RequestContext
 from gateway.config import Config, EnforcementMode
@@ -24,16 +24,6 @@ from gateway.platform import metrics
 
 # Methods that only read (model lists): they need a valid key, not an entitled organization.
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-class _Unread:
-    """The body has not been read for the model it names (see `admit`)."""
-
-    def __repr__(self) -> str:
-        return "UNREAD"
-
-
-UNREAD = _Unread()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -77,7 +67,7 @@ def admit(
     policy: Policy,
     *,
     unwritten_microdollars: int = 0,
-    model: str | _Unread | None = UNREAD,
+    model: str | Unread | None = UNREAD,
 ) -> Admission:
     """Let the caller through now, or raise the 402 that refuses them (enforce mode).
 
@@ -88,10 +78,6 @@ def admit(
     """
     if policy.mode is EnforcementMode.OFF:
         return Admission(caller)
-    requested_model = None
-    if not isinstance(model, _Unread):
-        named = model
-        requested_model = lambda: named  # noqa: E731 (check asks only when it must)
     outcome = check(
         facts,
         now,
@@ -100,10 +86,10 @@ def admit(
         mode=policy.mode,
         app_url=policy.app_url,
         unwritten_microdollars=unwritten_microdollars,
-        requested_model=requested_model,
+        model=model,
     )
     if outcome.would_block is None:
-        if requested_model is None and needs_model(facts, unwritten_microdollars):
+        if isinstance(model, Unread) and needs_model(facts, unwritten_microdollars):
             return Admission(caller, needs_model=True)
         return Admission(caller)
     return Admission(caller, outcome.would_block.value)

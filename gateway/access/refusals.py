@@ -6,7 +6,6 @@ refusal into the 402 the Kilo Code extension shows in its payment dialog.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -29,6 +28,16 @@ _TITLES = {
     Reason.INSUFFICIENT_CREDITS: "Your organization is out of credits",
     Reason.PAYMENT_FAILED: "Your payment failed",
 }
+
+
+class Unread:
+    """The body has not been read for the model it names (`check`, `admission.admit`)."""
+
+    def __repr__(self) -> str:
+        return "UNREAD"
+
+
+UNREAD = Unread()
 
 
 class Outcome(NamedTuple):
@@ -62,21 +71,18 @@ def check(
     mode: EnforcementMode,
     app_url: str,
     unwritten_microdollars: int = 0,
-    requested_model: Callable[[], str | None] | None = None,
+    model: str | Unread | None = UNREAD,
 ) -> Outcome:
     """Judge the organization now; in enforce mode a refusal raises `PaymentRequired`.
 
-    For metered requests `requested_model` names the model, asked only when the balance
-    (the database's, less what this process charged and has not written yet) is used up.
+    `model` is the model a metered request names; with it `UNREAD` the credit check is
+    left out (the balance, the database's less what this process charged and has not
+    written yet, matters only for a model that is known and not free).
     """
     verdict = decide(facts, now, trial_days, grace_days)
     balance = facts.balance_microdollars - unwritten_microdollars
-    if (
-        verdict.allowed
-        and requested_model is not None
-        and needs_model(facts, unwritten_microdollars)
-    ):
-        verdict = decide_credits(verdict, balance, is_free_model(requested_model()))
+    if verdict.allowed and not isinstance(model, Unread) and balance <= 0:
+        verdict = decide_credits(verdict, balance, is_free_model(model))
     if verdict.allowed:
         return Outcome(verdict, None)
     assert verdict.reason is not None
