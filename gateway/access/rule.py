@@ -153,6 +153,12 @@ def is_live(purchase: Purchase, now: float) -> bool:
     )
 
 
+def newest_live(facts: OrgFacts, now: float) -> Purchase | None:
+    """The organization's newest live subscription (the one a second checkout would
+    double, the one its pages show and change), or None."""
+    return next((p for p in facts.purchases if is_live(p, now)), None)
+
+
 def decide(facts: OrgFacts, now: float, trial_days: int, grace_days: int) -> Verdict:
     """Apply the rule to `facts` at UNIX time `now` (past_due pays for `grace_days`).
 

@@ -34,7 +34,7 @@ from aiohttp import web
 from gateway.access.members import authorize_member
 from gateway.access.queries import Queryable, fetch_org_facts
 from gateway.access.refusals import billing_url, iso_utc
-from gateway.access.rule import OrgFacts, Purchase, is_live, trial_end
+from gateway.access.rule import OrgFacts, Purchase, newest_live, trial_end
 from gateway.accounts.credit_locks import credits_notice
 from gateway.accounts.payloads import choice_field, json_object
 from gateway.accounts.stripe_client import StripeApi, require_stripe, stripe_api
@@ -64,14 +64,17 @@ class BillingOrg:
     name: str
     plan: str
     stripe_customer_id: str | None
-    seats_used: int
     owner_email: str | None  # the first owner's, for the Stripe customer
+    # What the rule reads (purchases, members, trial), read on the same connection.
+    facts: OrgFacts
+
+    @property
+    def seats_used(self) -> int:
+        return self.facts.seats_used
 
 
 _BILLING_ORG_SQL = """
 SELECT o.id::text AS id, o.name, o.plan, o.stripe_customer_id,
-       (SELECT count(*) FROM organization_memberships m
-         WHERE m.organization_id = o.id AND m.role <> 'billing_manager') AS seats_used,
        (SELECT u.email FROM organization_memberships m JOIN users u ON u.id = m.user_id
          WHERE m.organization_id = o.id AND m.role = 'owner'
          ORDER BY m.created_at, m.user_id LIMIT 1) AS owner_email
@@ -88,9 +91,10 @@ _CUSTOMER_SQL = "SELECT stripe_customer_id FROM organizations WHERE id = $1::uui
 
 
 async def fetch_billing_org(conn: Queryable, organization_id: str) -> BillingOrg | None:
-    """The organization's plan, Stripe customer and seats in use, or None."""
+    """The organization's plan, Stripe customer and facts, or None."""
     row = await conn.fetchrow(_BILLING_ORG_SQL, organization_id)
-    return None if row is None else BillingOrg(**dict(row))
+    facts = None if row is None else await fetch_org_facts(conn, organization_id)
+    return None if row is None or facts is None else BillingOrg(**dict(row), facts=facts)
 
 
 async def store_customer(conn: Queryable, organization_id: str, customer_id: str) -> str:
@@ -191,8 +195,8 @@ def subscription_session_params(
 
 def refuse_second_subscription(facts: OrgFacts, now: float) -> None:
     """409 `subscription_exists` while a subscription is live: it is changed, not doubled."""
-    live = [p for p in facts.purchases if is_live(p, now)]
-    if not live:
+    live = newest_live(facts, now)
+    if live is None:
         return
     base = f"/api/organizations/{facts.organization_id}"
     manage = {
@@ -201,17 +205,17 @@ def refuse_second_subscription(facts: OrgFacts, now: float) -> None:
         "seats": f"POST {base}/subscription/seats",
     }
     raise Conflict(
-        f"Your organization already has a subscription ({_describe(live[0])}); a second"
+        f"Your organization already has a subscription ({_describe(live)}); a second"
         " one would charge you twice. Change the one you have instead: open the billing"
         f" portal ({manage['portal']}), see it ({manage['subscription']}) or change its"
         f" seats ({manage['seats']}).",
         reason=Reason.SUBSCRIPTION_EXISTS,
         metadata={
             "subscription": {
-                "status": live[0].status,
-                "seat_count": live[0].seat_count,
-                "billing_cycle": live[0].billing_cycle,
-                "expires_at": iso_utc(live[0].expires_at),
+                "status": live.status,
+                "seat_count": live.seat_count,
+                "billing_cycle": live.billing_cycle,
+                "expires_at": iso_utc(live.expires_at),
             },
             "manage": manage,
         },
@@ -282,19 +286,16 @@ async def subscription_checkout_handler(request: web.Request) -> web.Response:
     cycle = choice_field(body, "billing_cycle", BILLING_CYCLES, "yearly")
     check_billing_cycle(cycle, config)
     seats = parse_seats(body, org.seats_used)
-    timeout = config.database_query_timeout_seconds
-    facts = await run_query(request.app[POOL], timeout, fetch_org_facts, org.id)
-    if facts is None:
-        raise NotFound("No such organization.")
-    refuse_second_subscription(facts, now())
-    trial_ends_at = first_charge_at(facts, now(), config.trial_days)
+    moment = now()
+    refuse_second_subscription(org.facts, moment)
+    trial_ends_at = first_charge_at(org.facts, moment, config.trial_days)
     price_id = await api.price_id(config.catalog.price(org.plan, cycle).lookup_key)
     customer_id = await ensure_customer(request.app, api, org)
     params = subscription_session_params(
         config, org, customer_id, price_id, seats, cycle, trial_ends_at
     )
     parts: list[object] = [org.id, customer_id, org.plan, cycle, seats, trial_ends_at]
-    key = idempotency_key("subscription", parts, client_idempotency_key(request), now())
+    key = idempotency_key("subscription", parts, client_idempotency_key(request), moment)
     session = await api.create_checkout_session(params, key)
     return web.json_response({"url": session.url, "session_id": session.id})
 
@@ -304,15 +305,14 @@ async def credits_checkout_handler(request: web.Request) -> web.Response:
     api, org, body = await billing_caller(request)
     cents = parse_amount_cents(body)
     config = request.app[CONFIG]
-    timeout = config.database_query_timeout_seconds
-    facts = await run_query(request.app[POOL], timeout, fetch_org_facts, org.id)
+    moment = now()
     customer_id = await ensure_customer(request.app, api, org)
     params = credits_session_params(config, org, customer_id, cents)
     parts: list[object] = [org.id, customer_id, cents]
-    key = idempotency_key("credits", parts, client_idempotency_key(request), now())
+    key = idempotency_key("credits", parts, client_idempotency_key(request), moment)
     session = await api.create_checkout_session(params, key)
     # Never refused: a blocked organization may buy ahead, but is told the credits wait.
-    notice = credits_notice(facts, now(), config)
+    notice = credits_notice(org.facts, moment, config)
     return web.json_response({"url": session.url, "session_id": session.id, **notice})
 
 

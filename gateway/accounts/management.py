@@ -41,7 +41,7 @@ from aiohttp import web
 from gateway.access.members import ANY_ROLE, authorize_member
 from gateway.access.queries import fetch_org_facts
 from gateway.access.refusals import billing_url, iso_utc
-from gateway.access.rule import Purchase, is_live
+from gateway.access.rule import Purchase, newest_live
 from gateway.accounts.checkout import (
     BillingOrg,
     billing_caller,
@@ -81,8 +81,7 @@ async def live_purchase(request: web.Request, organization_id: str) -> tuple[str
     facts = await run_query(request.app[POOL], timeout, fetch_org_facts, organization_id)
     if facts is None:
         raise NotFound("No such organization.")
-    live = [p for p in facts.purchases if is_live(p, time.time())]
-    return facts.plan, live[0] if live else None
+    return facts.plan, newest_live(facts, time.time())
 
 
 async def portal_handler(request: web.Request) -> web.Response:
@@ -120,7 +119,7 @@ async def seats_handler(request: web.Request) -> web.Response:
     """Ask Stripe for N seats: more now (prorated), fewer from the next period."""
     api, org, body = await billing_caller(request)
     seats = parse_seat_count(body)
-    _plan, purchase = await live_purchase(request, org.id)
+    purchase = newest_live(org.facts, time.time())
     subscription = None
     if purchase is not None:
         subscription = await api.subscription_with(purchase.subscription_id, ["schedule"])

@@ -44,7 +44,7 @@ from gateway.access.rule import (
     Standing,
     Verdict,
     decide,
-    is_live,
+    newest_live,
 )
 from gateway.plans import Catalog
 
@@ -296,9 +296,8 @@ def organization_status(
 
 def _subscription(facts: OrgFacts, now: float) -> dict[str, Any] | None:
     """The newest live subscription, else the newest one (seats count them all)."""
-    live = [p for p in facts.purchases if is_live(p, now)]
-    shown = live or list(facts.purchases)
-    return _purchase(shown[0]) if shown else None
+    shown = newest_live(facts, now) or next(iter(facts.purchases), None)
+    return _purchase(shown) if shown is not None else None
 
 
 def _purchase(purchase: Purchase) -> dict[str, Any]:
