@@ -19,19 +19,18 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from gateway.access.admission import organization_facts
 from gateway.access.auth import authenticate
 from gateway.access.cache import CACHE
 from gateway.access.members import ANY_ROLE, OWNERS, authorize_member
 from gateway.access.queries import Queryable, fetch_org_facts
 from gateway.access.refusals import billing_url, iso_utc
-from gateway.access.rule import trial_end
+from gateway.access.rule import OrgFacts, trial_end
 from gateway.accounts.emails import queue_email, sales_contact_email, user_address, welcome_email
 from gateway.accounts.payloads import choice_field, json_object, require_storable, string_field
 from gateway.accounts.status import organization_status, plan_pricing
 from gateway.common.context import CONTEXT
 from gateway.config import CONFIG, Config
-from gateway.errors import BadRequest, Reason
+from gateway.errors import BadRequest, Forbidden, Reason
 from gateway.plans import PLAN_NAMES
 from gateway.platform.database import POOL, run_query
 
@@ -160,19 +159,24 @@ async def create_handler(request: web.Request) -> web.Response:
     )
 
 
-async def fetch_name_and_pending(conn: Queryable, organization_id: str) -> tuple[str, int]:
-    """The organization's name and how many invitations are pending."""
+async def fetch_status_rows(conn: Queryable, organization_id: str) -> tuple[OrgFacts, str, int]:
+    """The organization's facts, name and how many invitations are pending; 403 when it
+    does not exist (as for a non-member: the caller's membership was just checked)."""
+    facts = await fetch_org_facts(conn, organization_id)
+    if facts is None:
+        raise Forbidden("You are not a member of this organization.", reason=Reason.NOT_A_MEMBER)
     name: str = await conn.fetchval(_NAME_SQL, organization_id)
-    return name, await count_pending_invitations(conn, organization_id)
+    return facts, name, await count_pending_invitations(conn, organization_id)
 
 
 async def status_handler(request: web.Request) -> web.Response:
     """`GET /api/organizations/{id}`: the organization's status, for any of its members."""
     organization_id, _key, _role = await authorize_member(request, ANY_ROLE)
     app, config = request.app, request.app[CONFIG]
-    facts = await organization_facts(app[CACHE], organization_id)
     timeout = config.database_query_timeout_seconds
-    name, pending = await run_query(app[POOL], timeout, fetch_name_and_pending, organization_id)
+    # Read, not cached: the page an owner reloads right after paying shows what the
+    # webhook just wrote, not the facts until this process's NOTIFY arrives.
+    facts, name, pending = await run_query(app[POOL], timeout, fetch_status_rows, organization_id)
     status = organization_status(
         facts,
         time.time(),
