@@ -1062,6 +1062,10 @@ async def test_a_client_that_never_finishes_its_headers_is_cut_off(
             answer = await reader.read()
     except TimeoutError:
         pytest.fail("still open 4 s after its request began, with HEADER_TIMEOUT_SECONDS=1")
+    except ConnectionResetError:
+        # The gateway closed while our trickle was still arriving, so its kernel answered
+        # the next bytes with a reset, which may overtake the 408: cut off all the same.
+        answer = b""
     finally:
         trickling.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -93,8 +93,7 @@ class _EnvelopeRequestHandler(web.RequestHandler):
         }
         head = encode_head(rendered.status, status_phrase(rendered.status), headers)
         self.transport.write(head + rendered.body)
-        self.force_close()
-        self.transport.close()
+        self.force_close()  # closes the transport (and forgets it) once the 408 is flushed
 
     def handle_error(
         self,
