@@ -36,6 +36,7 @@ from gateway.common.context import IN_FLIGHT
 from gateway.config import CONFIG, Config
 from gateway.errors import DatabaseUnavailable
 from gateway.ledger.writer import LEDGER, UsageLedger
+from gateway.pages import setup as setup_pages
 from gateway.platform import logs, metrics
 from gateway.platform.database import POOL, QUERIES, QueryLimiter, create_pool
 from gateway.platform.metrics import TALLY, Tally, metrics_handler
@@ -83,6 +84,8 @@ def create_app(config: Config) -> web.Application:
     accounts = (organizations, invitations, pending_invitations, billing, management, webhooks)
     for module in (*clients, *accounts, mailer, reminders):
         module.setup(app)
+    # The pages people look at, over the same accounts functions.
+    setup_pages(app)
     return app
 
 

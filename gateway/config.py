@@ -249,6 +249,10 @@ class Config:
     email_from: str = setting("EMAIL_FROM", text)
     smtp_url: str | None = setting("SMTP_URL", smtp, required=False, secret=True)
     invitation_ttl_days: int = setting("INVITATION_TTL_DAYS", whole, low=1, high=365)
+    session_ttl_hours: float = setting("SESSION_TTL_HOURS", number, low=0.001, high=24 * 90)
+    sign_in_link_ttl_minutes: float = setting(
+        "SIGN_IN_LINK_TTL_MINUTES", number, low=0.01, high=24 * 60
+    )
     default_model: str = setting("DEFAULT_MODEL", text)
     default_free_model: str = setting("DEFAULT_FREE_MODEL", text)
     models_cache_ttl_seconds: float = setting("MODELS_CACHE_TTL_SECONDS", number, low=0.001)
@@ -323,6 +327,9 @@ def from_env(
             values[s.field] = None
     if values["database_pool_min_size"] > values["database_pool_max_size"]:
         raise ConfigError("DATABASE_POOL_MIN_SIZE must not be above DATABASE_POOL_MAX_SIZE")
+    if values["database_url"] is None and _value(env, {}, "APP_URL") is None:
+        # The embedded set-up serves its own pages: links point at this gateway.
+        values["app_url"] = own_url(values["host"], values["port"])
     enterprise = file.get("migrations", {}).get("enterprise_organization_ids", [])
     if not isinstance(enterprise, list):
         raise ConfigError("[migrations] enterprise_organization_ids must be a list of ids")
@@ -331,6 +338,12 @@ def from_env(
         enterprise_organization_ids=tuple(str(i) for i in enterprise),
         catalog=load_catalog(),
     )
+
+
+def own_url(host: str, port: int) -> str:
+    """This gateway's own address, as a browser on the same machine reaches it."""
+    shown = "localhost" if host in ("0.0.0.0", "::", "") else host
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
 
 
 def _value(env: Mapping[str, str], defaults: Mapping[str, Any], name: str) -> str | None:

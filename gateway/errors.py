@@ -82,6 +82,7 @@ class Reason(StrEnum):
     NOT_A_MEMBER = "not_a_member"
     INSUFFICIENT_ROLE = "insufficient_role"
     INVITATION_EMAIL_MISMATCH = "invitation_email_mismatch"
+    CSRF_TOKEN_INVALID = "csrf_token_invalid"
     # 404, 405, 408
     NOT_FOUND = "not_found"
     ENDPOINT_NOT_PROXIED = "endpoint_not_proxied"

@@ -100,7 +100,7 @@ async def test_welcome_email_explains_the_trial(
     assert org["organization"]["trial_ends_at"][:10] in body
     assert "Hopper" in body
     assert f"{APP_URL}/organizations/{org['organization']['id']}/billing" in body
-    assert "$29 per seat per month, billed annually ($348 a year)" in body
+    assert "$29 per seat per month, billed annually ($348)" in body
     assert "buy credits" in body.lower()
     assert "upgrade" in body.lower()
     assert welcome.message["From"] == "Kilo Code <hello@kilocode.ai>"
@@ -116,7 +116,7 @@ async def test_enterprise_organization_welcome_names_enterprise_pricing(
     assert reply.body["organization"]["plan"] == "enterprise"
     [welcome] = await mailbox.wait_for(to("ent@example.test"))
     assert "Kilo Code Enterprise" in welcome.body
-    assert "$299 per seat per month, billed annually ($3,588 a year)" in welcome.body
+    assert "$299 per seat per month, billed annually ($3,588)" in welcome.body
 
 
 async def test_new_owner_can_use_the_proxy_at_once(
@@ -208,7 +208,7 @@ async def test_status_of_a_new_organization(
     assert body["subscription"] is None
     assert body["credits"] == {"balance_usd": 0.0, "locked": False}
     assert body["access"] == {"allowed": True, "reason": None}
-    assert body["pricing"]["display"] == "$29 per seat per month, billed annually ($348 a year)"
+    assert body["pricing"]["display"] == "$29 per seat per month, billed annually ($348)"
     assert body["call_to_action"]["level"] == "info"
     assert body["call_to_action"]["url"] == f"{APP_URL}/organizations/{org_id}/billing"
     assert body["sso"] is None
@@ -302,7 +302,7 @@ async def test_status_of_an_enterprise_organization_offers_sso_through_sales(
         "per_seat_monthly_usd": 299,
         "billed": "annually",
         "per_seat_yearly_usd": 3588,
-        "display": "$299 per seat per month, billed annually ($3,588 a year)",
+        "display": "$299 per seat per month, billed annually ($3,588)",
     }
     assert body["sso"] == {"self_serve": False, "contact_sales_url": CATALOG.contact_sales_url}
 

@@ -123,7 +123,7 @@ async def test_reminder_texts_point_to_billing(
     billing = f"{APP_URL}/organizations/{org_id}/billing"
     for row in (week, expired):
         assert billing in row["body_text"]
-        assert "$299 per seat per month, billed annually ($3,588 a year)" in row["body_text"]
+        assert "$299 per seat per month, billed annually ($3,588)" in row["body_text"]
         assert "Acme" in row["body_text"]
     assert week["subject"] == "Your Kilo Code trial ends in 7 days"
     assert "locked" in expired["body_text"] and "ended" in expired["subject"]

@@ -316,7 +316,7 @@ def test_teams_pricing_is_stated_in_monthly_terms() -> None:
         "per_seat_monthly_usd": 29,
         "billed": "annually",
         "per_seat_yearly_usd": 348,
-        "display": "$29 per seat per month, billed annually ($348 a year)",
+        "display": "$29 per seat per month, billed annually ($348)",
     }
 
 
@@ -326,7 +326,7 @@ def test_enterprise_pricing_is_stated_in_monthly_terms() -> None:
         "per_seat_monthly_usd": 299,
         "billed": "annually",
         "per_seat_yearly_usd": 3588,
-        "display": "$299 per seat per month, billed annually ($3,588 a year)",
+        "display": "$299 per seat per month, billed annually ($3,588)",
     }
 
 
@@ -337,7 +337,7 @@ def test_pricing_with_cents_shows_cents() -> None:
     catalog = dataclasses.replace(CATALOG, plans={**CATALOG.plans, "teams": teams})
     pricing = plan_pricing(catalog, "teams")
     assert pricing["per_seat_monthly_usd"] == 28.75
-    assert pricing["display"] == "$28.75 per seat per month, billed annually ($345 a year)"
+    assert pricing["display"] == "$28.75 per seat per month, billed annually ($345)"
 
 
 def cta(org: OrgFacts, now: float) -> dict[str, Any]:

@@ -148,7 +148,15 @@ async def require_role(
 ) -> str:
     """The key's user's role in the organization when it is one of `roles`, else 403."""
     refuse_other_organizations(key, organization_id)
-    role = await cache.roles.get((organization_id, key.user_id))
+    return await require_user_role(key.user_id, organization_id, cache, roles)
+
+
+async def require_user_role(
+    user_id: str, organization_id: str, cache: FactsCache, roles: frozenset[str]
+) -> str:
+    """The user's role in the organization when it is one of `roles`, else 403 (a signed-in
+    browser is a user, with no key to be bound)."""
+    role = await cache.roles.get((organization_id, user_id))
     if role is None:
         raise Forbidden("You are not a member of this organization.", reason=Reason.NOT_A_MEMBER)
     if role not in roles:

@@ -272,48 +272,76 @@ async def billing_caller(request: web.Request) -> tuple[StripeApi, BillingOrg, d
     api = require_stripe(request.app)
     organization_id, _key, _role = await authorize_member(request, BILLING_ROLES)
     body = await json_object(request)
-    timeout = request.app[CONFIG].database_query_timeout_seconds
-    org = await run_query(request.app[POOL], timeout, fetch_billing_org, organization_id)
+    return api, await load_billing_org(request.app, organization_id), body
+
+
+async def load_billing_org(app: web.Application, organization_id: str) -> BillingOrg:
+    """The organization as checkouts see it, read now; 404 when it does not exist."""
+    timeout = app[CONFIG].database_query_timeout_seconds
+    org = await run_query(app[POOL], timeout, fetch_billing_org, organization_id)
     if org is None:
         raise NotFound("No such organization.")
-    return api, org, body
+    return org
 
 
 async def subscription_checkout_handler(request: web.Request) -> web.Response:
     """Start a Checkout Session for a yearly (or, when enabled, monthly) seats subscription."""
     api, org, body = await billing_caller(request)
-    config = request.app[CONFIG]
     cycle = choice_field(body, "billing_cycle", BILLING_CYCLES, "yearly")
-    check_billing_cycle(cycle, config)
     seats = parse_seats(body, org.seats_used)
+    client_key = client_idempotency_key(request)
+    return web.json_response(
+        await start_subscription(request.app, api, org, seats, cycle, client_key)
+    )
+
+
+async def start_subscription(
+    app: web.Application,
+    api: StripeApi,
+    org: BillingOrg,
+    seats: int,
+    cycle: str,
+    client_key: str | None,
+) -> dict[str, Any]:
+    """A subscription Checkout Session for the organization: `{"url", "session_id"}`."""
+    config = app[CONFIG]
+    check_billing_cycle(cycle, config)
     moment = now()
     refuse_second_subscription(org.facts, moment)
     trial_ends_at = first_charge_at(org.facts, moment, config.trial_days)
     price_id = await api.price_id(config.catalog.price(org.plan, cycle).lookup_key)
-    customer_id = await ensure_customer(request.app, api, org)
+    customer_id = await ensure_customer(app, api, org)
     params = subscription_session_params(
         config, org, customer_id, price_id, seats, cycle, trial_ends_at
     )
     parts: list[object] = [org.id, customer_id, org.plan, cycle, seats, trial_ends_at]
-    key = idempotency_key("subscription", parts, client_idempotency_key(request), moment)
+    key = idempotency_key("subscription", parts, client_key, moment)
     session = await api.create_checkout_session(params, key)
-    return web.json_response({"url": session.url, "session_id": session.id})
+    return {"url": session.url, "session_id": session.id}
 
 
 async def credits_checkout_handler(request: web.Request) -> web.Response:
     """Start a Checkout Session (payment mode) buying credits."""
     api, org, body = await billing_caller(request)
     cents = parse_amount_cents(body)
-    config = request.app[CONFIG]
+    client_key = client_idempotency_key(request)
+    return web.json_response(await start_credits(request.app, api, org, cents, client_key))
+
+
+async def start_credits(
+    app: web.Application, api: StripeApi, org: BillingOrg, cents: int, client_key: str | None
+) -> dict[str, Any]:
+    """A payment-mode Checkout Session buying `cents` of credits, and whether they will
+    stay locked: never refused, a blocked organization may buy ahead."""
+    config = app[CONFIG]
     moment = now()
-    customer_id = await ensure_customer(request.app, api, org)
+    customer_id = await ensure_customer(app, api, org)
     params = credits_session_params(config, org, customer_id, cents)
     parts: list[object] = [org.id, customer_id, cents]
-    key = idempotency_key("credits", parts, client_idempotency_key(request), moment)
+    key = idempotency_key("credits", parts, client_key, moment)
     session = await api.create_checkout_session(params, key)
-    # Never refused: a blocked organization may buy ahead, but is told the credits wait.
     notice = credits_notice(org.facts, moment, config)
-    return web.json_response({"url": session.url, "session_id": session.id, **notice})
+    return {"url": session.url, "session_id": session.id, **notice}
 
 
 def client_idempotency_key(request: web.Request) -> str | None:

@@ -205,3 +205,17 @@ Message:
 """
     subject = f"SSO request from {organization_name} ({plan})"
     return Email("sales_contact", to, subject, body)
+
+
+def sign_in_email(*, to: str, link: str, valid_minutes: float) -> Email:
+    """The one-time link that signs its owner in to the organization pages."""
+    minutes = f"{valid_minutes:g}"
+    body = f"""Sign in to Kilo Code
+
+Open this link to sign in to your organization's pages:
+{link}
+
+It works once, within {minutes} minutes. If you did not ask to sign in, ignore this email:
+nobody can sign in without the link.
+"""
+    return Email("sign_in", to, "Your Kilo Code sign-in link", body)

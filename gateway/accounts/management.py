@@ -75,10 +75,10 @@ def checkout_path(organization_id: str) -> str:
     return f"POST /api/organizations/{organization_id}/subscription/checkout"
 
 
-async def live_purchase(request: web.Request, organization_id: str) -> tuple[str, Purchase | None]:
+async def live_purchase(app: web.Application, organization_id: str) -> tuple[str, Purchase | None]:
     """The organization's plan and its newest live subscription (as the webhooks wrote it)."""
-    timeout = request.app[CONFIG].database_query_timeout_seconds
-    facts = await run_query(request.app[POOL], timeout, fetch_org_facts, organization_id)
+    timeout = app[CONFIG].database_query_timeout_seconds
+    facts = await run_query(app[POOL], timeout, fetch_org_facts, organization_id)
     if facts is None:
         raise NotFound("No such organization.")
     return facts.plan, newest_live(facts, time.time())
@@ -87,7 +87,12 @@ async def live_purchase(request: web.Request, organization_id: str) -> tuple[str
 async def portal_handler(request: web.Request) -> web.Response:
     """A Billing Portal session for the organization's Stripe customer: its URL."""
     api, org, _body = await billing_caller(request)
-    page = billing_url(request.app[CONFIG].app_url, org.id)
+    return web.json_response({"url": await portal_url(request.app, api, org)})
+
+
+async def portal_url(app: web.Application, api: StripeApi, org: BillingOrg) -> str:
+    """A Billing Portal session's URL; 409 `no_billing_account` before any checkout."""
+    page = billing_url(app[CONFIG].app_url, org.id)
     if org.stripe_customer_id is None:
         raise Conflict(
             "Your organization has no billing account yet, so there is nothing to manage:"
@@ -100,30 +105,47 @@ async def portal_handler(request: web.Request) -> web.Response:
         "configuration": await api.portal_configuration_id(),
         "return_url": page,
     }
-    return web.json_response({"url": await api.create_portal_session(params)})
+    return await api.create_portal_session(params)
 
 
 async def subscription_handler(request: web.Request) -> web.Response:
     """The live subscription as Stripe holds it now, or null."""
     organization_id, _key, _role = await authorize_member(request, ANY_ROLE)
-    plan, purchase = await live_purchase(request, organization_id)
+    return web.json_response(
+        {"subscription": await read_subscription(request.app, organization_id)}
+    )
+
+
+async def read_subscription(app: web.Application, organization_id: str) -> dict[str, Any] | None:
+    """The newest live subscription as Stripe holds it now; None (Stripe not asked) when
+    nothing is live."""
+    plan, purchase = await live_purchase(app, organization_id)
     if purchase is None:
-        return web.json_response({"subscription": None})
-    api = require_stripe(request.app)
+        return None
+    api = require_stripe(app)
     subscription = await api.subscription_with(purchase.subscription_id, SUBSCRIPTION_EXPAND)
-    shown = describe_subscription(subscription, plan, request.app[CONFIG].catalog)
-    return web.json_response({"subscription": shown})
+    return describe_subscription(subscription, plan, app[CONFIG].catalog)
 
 
 async def seats_handler(request: web.Request) -> web.Response:
     """Ask Stripe for N seats: more now (prorated), fewer from the next period."""
     api, org, body = await billing_caller(request)
     seats = parse_seat_count(body)
+    client_key = client_idempotency_key(request)
+    return web.json_response(
+        await change_seats(request.app, api, org, seats, client_key), status=202
+    )
+
+
+async def change_seats(
+    app: web.Application, api: StripeApi, org: BillingOrg, seats: int, client_key: str | None
+) -> dict[str, Any]:
+    """What Stripe was asked for `seats` seats; 409 when there is no subscription to change."""
     purchase = newest_live(org.facts, time.time())
     subscription = None
     if purchase is not None:
         subscription = await api.subscription_with(purchase.subscription_id, ["schedule"])
-    item = None if subscription is None else seat_item(subscription, request.app[CONFIG].catalog)
+    item = None if subscription is None else seat_item(subscription, app[CONFIG].catalog)
     if subscription is None or item is None:
         raise Conflict(
             "Your organization has no subscription whose seats can be changed: subscribe"
@@ -134,14 +156,12 @@ async def seats_handler(request: web.Request) -> web.Response:
     if seats < item.quantity:
         refuse_below_members(seats, org.seats_used)
         refuse_decrease_when_ending(subscription)
-        answer = await schedule_decrease(api, subscription, item, seats, org)
-    else:
-        answer = await increase(request, api, subscription, item, seats)
-    return web.json_response(answer, status=202)
+        return await schedule_decrease(api, subscription, item, seats, org)
+    return await increase(api, subscription, item, seats, client_key)
 
 
 async def increase(
-    request: web.Request, api: StripeApi, subscription: dict[str, Any], item: SeatItem, seats: int
+    api: StripeApi, subscription: dict[str, Any], item: SeatItem, seats: int, client_key: str | None
 ) -> dict[str, Any]:
     """More seats now, the prorated rest of the period charged at once (or the same seats);
     a decrease still scheduled is dropped either way."""
@@ -158,7 +178,7 @@ async def increase(
         )
         return answer
     parts: list[object] = [subscription["id"], item.item_id, item.quantity, seats]
-    key = idempotency_key("seats", parts, client_idempotency_key(request), time.time())
+    key = idempotency_key("seats", parts, client_key, time.time())
     params = increase_params(item, seats)
     updated = await api.update_subscription(str(subscription["id"]), params, key)
     answer["proration_behavior"] = INCREASE_PRORATION

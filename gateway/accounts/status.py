@@ -157,8 +157,7 @@ def plan_pricing(catalog: Catalog, plan: str) -> dict[str, Any]:
         "billed": "annually",
         "per_seat_yearly_usd": _usd(yearly_cents),
         "display": (
-            f"{_money(monthly_cents)} per seat per month, billed annually"
-            f" ({_money(yearly_cents)} a year)"
+            f"{_money(monthly_cents)} per seat per month, billed annually ({_money(yearly_cents)})"
         ),
     }
 
