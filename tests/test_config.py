@@ -43,7 +43,8 @@ class TestDefaults:
             ("database_url", None),
             ("host", "0.0.0.0"),
             ("port", 8080),
-            ("app_url", "https://app.kilocode.ai"),
+            # No DATABASE_URL: the embedded set-up, whose links open its own pages.
+            ("app_url", "http://localhost:8080"),
             ("trial_days", 30),
             ("entitlement_cache_ttl_seconds", 30.0),
             ("negative_cache_ttl_seconds", 5.0),

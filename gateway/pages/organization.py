@@ -93,7 +93,10 @@ async def organization_view(
         "may_invite": role in OWNERS,
         "may_pay": role in BILLING_ROLES,
         "plan_name": config.catalog.plans[facts.plan].name,
-        "new_organization": facts.balance_microdollars <= 0 and not facts.purchases,
+        # Nothing bought yet and still in its trial: buying credits is the next step.
+        "new_organization": facts.balance_microdollars <= 0
+        and not facts.purchases
+        and status["access"]["allowed"],
         "trial_ends": human_time(trial_end(facts, config.trial_days)),
         "pricing": pricing_line(status["pricing"]),
         "billing_path": f"{organization_path(organization_id)}/billing",
