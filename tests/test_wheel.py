@@ -148,6 +148,12 @@ async def test_the_wheel_migrates_and_serves_outside_the_checkout(
     assert not any(name.startswith(("sql/", "config/")) for name in names)
     modules = {p.relative_to(PROJECT_ROOT).as_posix() for p in PROJECT_ROOT.glob("gateway/**/*.py")}
     assert modules <= names
+    pages = {
+        p.relative_to(PROJECT_ROOT).as_posix()
+        for pattern in ("gateway/pages/templates/*.html", "gateway/pages/static/*.css")
+        for p in PROJECT_ROOT.glob(pattern)
+    }
+    assert pages and pages <= names
 
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
@@ -196,7 +202,7 @@ async def ready_and_defaults(
     base: str, process: asyncio.subprocess.Process, log: Path
 ) -> dict[str, str]:
     """Poll until /healthz and /readyz answer 200 (failing if the process exits first);
-    then GET /api/defaults."""
+    then the sign-in page and its stylesheet, and GET /api/defaults."""
     deadline = time.monotonic() + READY_DEADLINE_SECONDS
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while not await answers(session, f"{base}/healthz", f"{base}/readyz"):
@@ -204,6 +210,10 @@ async def ready_and_defaults(
                 pytest.fail(f"serve exited with {process.returncode}: {read(log)}")
             assert time.monotonic() < deadline, f"serve did not answer in time: {read(log)}"
             await asyncio.sleep(0.1)
+        # The pages' templates and stylesheet come from the wheel too.
+        for page in ("/login", "/static/pages.css"):
+            async with session.get(f"{base}{page}") as answer:
+                assert answer.status == 200, (page, await answer.text())
         async with session.get(f"{base}/api/defaults") as answer:
             assert answer.status == 200
             result: dict[str, str] = await answer.json()
