@@ -160,6 +160,22 @@ async def test_an_unknown_address_is_answered_the_same_and_gets_no_email(
     assert await db.fetchval("SELECT count(*) FROM web_sign_in_links") == 0
 
 
+async def test_the_email_form_cannot_flood_an_inbox(
+    browser: Browser, seed: Seed, db: asyncpg.Connection
+) -> None:
+    """Past five links a quarter of an hour, no more are made or sent; the page says the
+    same (it never tells whether an address has an account)."""
+    await seed.user("flood@example.test")
+    for _ in range(8):
+        login = await browser.get("/login")
+        page = await browser.post(
+            "/login/email", {"csrf_token": login.csrf, "email": "flood@example.test"}
+        )
+        assert page.status == 200 and "data-sent" in page.text
+    assert await db.fetchval("SELECT count(*) FROM web_sign_in_links") == 5
+    assert await db.fetchval("SELECT count(*) FROM email_outbox WHERE kind = 'sign_in'") == 5
+
+
 async def test_sign_out_ends_the_session_everywhere(
     browser: Browser, seed: Seed, db: asyncpg.Connection
 ) -> None:

@@ -52,6 +52,13 @@ _CLOSE_SQL = "DELETE FROM web_sessions WHERE id_hash = $1"
 _USER_BY_EMAIL_SQL = """
 SELECT id, email FROM users WHERE lower(email) = lower($1) ORDER BY id LIMIT 1
 """
+# Links asked for one user within the last quarter hour: past a few, no more are sent, so
+# the form cannot flood someone's inbox.
+MAX_RECENT_LINKS = 5
+_RECENT_LINKS_SQL = """
+SELECT count(*) FROM web_sign_in_links
+WHERE user_id = $1 AND created_at > now() - interval '15 minutes'
+"""
 _LINK_SQL = """
 INSERT INTO web_sign_in_links (token_hash, user_id, expires_at)
 VALUES ($1, $2, now() + make_interval(secs => $3))
@@ -121,9 +128,9 @@ async def create_sign_in_link(
     conn: Queryable, email: str, ttl_seconds: float
 ) -> tuple[str, str] | None:
     """A one-time sign-in token for the user with this address (in any case), and the
-    address as the user has it; None when no user has it."""
+    address as the user has it; None when no user has it, or after `MAX_RECENT_LINKS`."""
     user = await conn.fetchrow(_USER_BY_EMAIL_SQL, email)
-    if user is None:
+    if user is None or await conn.fetchval(_RECENT_LINKS_SQL, user["id"]) >= MAX_RECENT_LINKS:
         return None
     token = new_token()
     await conn.execute(_LINK_SQL, hash_token(token), user["id"], ttl_seconds)
