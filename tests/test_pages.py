@@ -209,6 +209,20 @@ async def test_an_expired_session_sends_the_browser_to_sign_in_and_back(
     assert back.url.path == f"/organizations/{org_id}/billing"
 
 
+async def test_a_form_posted_after_the_session_ended_signs_in_back_to_its_page(
+    browser: Browser, seed: Seed, db: asyncpg.Connection
+) -> None:
+    org_id, token = await owner_of(seed)
+    page = await browser.sign_in(token)
+    await db.execute("DELETE FROM web_sessions")
+    answer = await browser.submit(
+        page, f"/organizations/{org_id}/invitations", {"email": "a@b.test"}
+    )
+    assert answer.url.path == "/login"
+    assert answer.url.query["next"] == f"/organizations/{org_id}"
+    assert await db.fetchval("SELECT count(*) FROM organization_invitations") == 0
+
+
 @pytest.mark.parametrize("next_path", ["//evil.test/x", "https://evil.test/", "/\\evil.test"])
 async def test_sign_in_never_redirects_off_the_site(
     browser: Browser, seed: Seed, next_path: str

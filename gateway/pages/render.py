@@ -53,7 +53,12 @@ SECURITY_HEADERS = {
 
 
 class SignInRequired(Exception):
-    """The page needs a signed-in browser: it is sent to the sign-in page, then back."""
+    """The page needs a signed-in browser: it is sent to the sign-in page, then back to
+    `next_path` (a form's post goes back to the page it came from, not to the post)."""
+
+    def __init__(self, next_path: str) -> None:
+        super().__init__(next_path)
+        self.next_path = next_path
 
 
 def setup_templates(app: web.Application) -> None:
@@ -75,8 +80,8 @@ def page(handler: PageHandler) -> PageHandler:
     async def answer(request: web.Request) -> web.StreamResponse:
         try:
             response = await handler(request)
-        except SignInRequired:
-            response = redirect(f"/login?next={quote(request.path_qs, safe='/?=&')}")
+        except SignInRequired as exc:
+            response = redirect(f"/login?next={quote(exc.next_path, safe='/?=&')}")
         except GatewayError as exc:
             response = await refused(request, exc)
         except Exception:
@@ -141,7 +146,7 @@ async def signed_in(request: web.Request) -> Session:
     """The session of a page view (its notice taken for this page); else to sign-in."""
     session = await current_session(request, take_notice=True)
     if session is None:
-        raise SignInRequired
+        raise SignInRequired(request.path_qs)
     return session
 
 
@@ -150,7 +155,7 @@ async def form(request: web.Request, back_to: str) -> tuple[Session, MultiDictPr
     refusal later in the handler is shown on `back_to`."""
     session = await current_session(request, take_notice=False)
     if session is None:
-        raise SignInRequired
+        raise SignInRequired(back_to)
     fields = await request.post()
     if not session.accepts(fields.get("csrf_token")):
         raise Forbidden(
