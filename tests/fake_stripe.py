@@ -33,6 +33,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.accounts.stripe_setup import run_stripe_setup
+from gateway.config import from_env
 from gateway.plans import Catalog
 from tests.stripe_params import refusal
 
@@ -585,6 +587,15 @@ async def start_fake_stripe() -> RunningFakeStripe:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     port = runner.addresses[0][1]
     return RunningFakeStripe(runner, f"http://127.0.0.1:{port}", app[FAKE])
+
+
+async def start_fake_stripe_set_up() -> RunningFakeStripe:
+    """The fake Stripe API once `stripe-setup` has run against it (products, prices, the
+    portal configuration), as a deployed gateway finds Stripe."""
+    running = await start_fake_stripe()
+    env = {k: str(v) for k, v in stripe_env(running).items()}
+    await run_stripe_setup(from_env(env, need_upstream_key=False))
+    return running
 
 
 def stripe_env(running: RunningFakeStripe, **overrides: Any) -> dict[str, Any]:

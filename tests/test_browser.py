@@ -22,11 +22,9 @@ import pytest
 from playwright.async_api import Browser, Page, Route, async_playwright, expect
 from yarl import URL
 
-from gateway import config as gateway_config
-from gateway.accounts.stripe_setup import run_stripe_setup
 from tests.conftest import RunningGateway
 from tests.factories import Seed
-from tests.fake_stripe import RunningFakeStripe, event_object, start_fake_stripe, stripe_env
+from tests.fake_stripe import RunningFakeStripe, event_object, start_fake_stripe_set_up, stripe_env
 from tests.test_webhooks import deliver
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -66,9 +64,7 @@ async def chromium(chromium_path: str) -> AsyncIterator[Browser]:
 
 @pytest.fixture
 async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
-    running = await start_fake_stripe()
-    env = {k: str(v) for k, v in stripe_env(running).items()}
-    await run_stripe_setup(gateway_config.from_env(env, need_upstream_key=False))
+    running = await start_fake_stripe_set_up()
     yield running
     await running.close()
 
@@ -77,9 +73,9 @@ async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
 async def site(
     gateway_factory: Callable[..., Any], stripe_server: RunningFakeStripe
 ) -> RunningGateway:
-    """A gateway with Stripe, whose links point at its own pages."""
-    first: RunningGateway = await gateway_factory(**stripe_env(stripe_server))
-    return first
+    """A gateway whose Stripe is the test server, set up as `stripe-setup` leaves it."""
+    gateway: RunningGateway = await gateway_factory(**stripe_env(stripe_server))
+    return gateway
 
 
 class Shots:

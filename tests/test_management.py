@@ -16,16 +16,14 @@ import aiohttp
 import asyncpg
 import pytest
 
-from gateway import config as gateway_config
 from gateway.access.refusals import iso_utc
-from gateway.accounts.stripe_setup import run_stripe_setup
 from tests.accounts import APP_URL, Reply, api, assert_error
 from tests.conftest import RunningGateway
 from tests.factories import Seed
 from tests.fake_stripe import (
     RunningFakeStripe,
     event_object,
-    start_fake_stripe,
+    start_fake_stripe_set_up,
     stripe_env,
 )
 from tests.test_webhooks import deliver, purchases
@@ -36,9 +34,7 @@ UPDATED = "customer.subscription.updated"
 
 @pytest.fixture
 async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
-    running = await start_fake_stripe()
-    env = {k: str(v) for k, v in stripe_env(running).items()}
-    await run_stripe_setup(gateway_config.from_env(env, need_upstream_key=False))
+    running = await start_fake_stripe_set_up()
     yield running
     await running.close()
 

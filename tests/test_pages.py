@@ -17,7 +17,7 @@ from gateway import config as gateway_config
 from tests.accounts import FAST_EMAIL, Mailbox, running_mailbox, to
 from tests.conftest import RunningGateway
 from tests.factories import Seed
-from tests.fake_stripe import RunningFakeStripe, add_catalog_prices, stripe_env
+from tests.fake_stripe import RunningFakeStripe, start_fake_stripe_set_up, stripe_env
 from tests.pages import Browser, Page
 
 
@@ -510,15 +510,16 @@ def test_the_embedded_set_up_links_to_its_own_pages() -> None:
 
 
 @pytest.fixture
+async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
+    running = await start_fake_stripe_set_up()
+    yield running
+    await running.close()
+
+
+@pytest.fixture
 async def billing_gateway(
     gateway_factory: Callable[..., Any], stripe_server: RunningFakeStripe
 ) -> RunningGateway:
-    add_catalog_prices(
-        stripe_server.state,
-        gateway_config.from_env(
-            {"OPENROUTER_API_KEY": "k", "DATABASE_URL": "postgresql://x"}
-        ).catalog,
-    )
     gateway: RunningGateway = await gateway_factory(**stripe_env(stripe_server))
     return gateway
 

@@ -172,7 +172,15 @@ async def fetch_status_rows(conn: Queryable, organization_id: str) -> tuple[OrgF
 async def status_handler(request: web.Request) -> web.Response:
     """`GET /api/organizations/{id}`: the organization's status, for any of its members."""
     organization_id, _key, _role = await authorize_member(request, ANY_ROLE)
-    app, config = request.app, request.app[CONFIG]
+    status, _facts = await read_status(request.app, organization_id)
+    return web.json_response(status)
+
+
+async def read_status(
+    app: web.Application, organization_id: str
+) -> tuple[dict[str, Any], OrgFacts]:
+    """The organization's status judged now, and the facts it was judged on."""
+    config = app[CONFIG]
     timeout = config.database_query_timeout_seconds
     # Read, not cached: the page an owner reloads right after paying shows what the
     # webhook just wrote, not the facts until this process's NOTIFY arrives.
@@ -187,7 +195,7 @@ async def status_handler(request: web.Request) -> web.Response:
         app_url=config.app_url,
         catalog=config.catalog,
     )
-    return web.json_response(status)
+    return status, facts
 
 
 def sales_message(body: dict[str, Any]) -> str:

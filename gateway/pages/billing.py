@@ -17,17 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.accounts.checkout import (
-    BILLING_ROLES,
-    MAX_SEATS,
-    load_billing_org,
-    parse_seats,
-    start_subscription,
-)
+from gateway.accounts.checkout import MAX_SEATS, parse_seats, start_subscription
 from gateway.accounts.management import change_seats, portal_url, read_subscription
 from gateway.accounts.payloads import choice_field
 from gateway.accounts.seat_changes import parse_seat_count
-from gateway.accounts.stripe_client import require_stripe
 from gateway.config import CONFIG
 from gateway.errors import GatewayError
 from gateway.pages.organization import (
@@ -36,9 +29,10 @@ from gateway.pages.organization import (
     number_field,
     organization_path,
     organization_view,
+    paying_form,
     pricing_of,
 )
-from gateway.pages.render import form, notify, page, redirect, render, signed_in
+from gateway.pages.render import notify, page, redirect, render, signed_in
 from gateway.plans import BILLING_CYCLES
 
 # What Stripe Checkout's return adds to the billing page's address.
@@ -47,10 +41,6 @@ CHECKOUT_NOTICES = {
     " soon as Stripe confirms it, usually within seconds; reload the page to see it.",
     "cancelled": "Checkout was cancelled: nothing was bought.",
 }
-
-
-def billing_path(organization_id: str) -> str:
-    return f"{organization_path(organization_id)}/billing"
 
 
 @page
@@ -91,11 +81,7 @@ async def stripe_view(
 @page
 async def subscribe_handler(request: web.Request) -> web.StreamResponse:
     """`POST .../billing/subscribe`: start a Checkout Session and go to it."""
-    back = billing_path(request.match_info["organization_id"])
-    session, fields = await form(request, back)
-    organization_id, _role = await member_role(request, session, BILLING_ROLES)
-    api = require_stripe(request.app)
-    org = await load_billing_org(request.app, organization_id)
+    _session, fields, api, org = await paying_form(request, billing_path_of(request))
     body: dict[str, Any] = {"seats": number_field(fields.get("seats"))}
     if "billing_cycle" in fields:
         body["billing_cycle"] = fields["billing_cycle"]
@@ -108,12 +94,9 @@ async def subscribe_handler(request: web.Request) -> web.StreamResponse:
 @page
 async def seats_handler(request: web.Request) -> web.StreamResponse:
     """`POST .../billing/seats`: change the subscription's seats at Stripe."""
-    back = billing_path(request.match_info["organization_id"])
-    session, fields = await form(request, back)
-    organization_id, _role = await member_role(request, session, BILLING_ROLES)
-    api = require_stripe(request.app)
+    back = billing_path_of(request)
+    session, fields, api, org = await paying_form(request, back)
     seats = parse_seat_count({"seats": number_field(fields.get("seats"))})
-    org = await load_billing_org(request.app, organization_id)
     answer = await change_seats(request.app, api, org, seats, None)
     await notify(request, session, str(answer["message"]))
     return redirect(back)
@@ -122,12 +105,13 @@ async def seats_handler(request: web.Request) -> web.StreamResponse:
 @page
 async def portal_handler(request: web.Request) -> web.StreamResponse:
     """`POST .../billing/portal`: to Stripe's Billing Portal (card, invoices, cancel)."""
-    back = billing_path(request.match_info["organization_id"])
-    session, _fields = await form(request, back)
-    organization_id, _role = await member_role(request, session, BILLING_ROLES)
-    api = require_stripe(request.app)
-    org = await load_billing_org(request.app, organization_id)
+    _session, _fields, api, org = await paying_form(request, billing_path_of(request))
     return redirect(await portal_url(request.app, api, org))
+
+
+def billing_path_of(request: web.Request) -> str:
+    """The subscription page of the organization in the request's path."""
+    return f"{organization_path(request.match_info['organization_id'])}/billing"
 
 
 def setup(app: web.Application) -> None:

@@ -16,9 +16,10 @@ redirect with a notice instead of JSON.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from gateway.access.auth import parse_organization_id, require_user_role
 from gateway.access.cache import CACHE
@@ -26,6 +27,7 @@ from gateway.access.members import ANY_ROLE, OWNERS
 from gateway.access.rule import newest_live, trial_end
 from gateway.accounts.checkout import (
     BILLING_ROLES,
+    BillingOrg,
     load_billing_org,
     parse_amount_cents,
     start_credits,
@@ -34,17 +36,17 @@ from gateway.accounts.invitations import ROLES, create_invitation, invited_email
 from gateway.accounts.organizations import (
     create_organization,
     fetch_members,
-    fetch_status_rows,
     membership_changed,
     organization_name,
+    read_status,
     record_sales_contact,
     sales_message,
 )
 from gateway.accounts.payloads import choice_field
 from gateway.accounts.pending_invitations import invitation_id, revoke_invitation
 from gateway.accounts.profile import fetch_profile
-from gateway.accounts.status import human_time, organization_status, plan_pricing
-from gateway.accounts.stripe_client import require_stripe
+from gateway.accounts.status import human_time, plan_pricing
+from gateway.accounts.stripe_client import StripeApi, require_stripe
 from gateway.common.context import CONTEXT
 from gateway.config import CONFIG
 from gateway.pages.render import form, notify, page, redirect, render, run, signed_in
@@ -76,17 +78,7 @@ async def organization_view(
     """Everything the organization and billing pages show, read now (not from the cache,
     so that the page reloaded after a change shows it)."""
     config = request.app[CONFIG]
-    facts, name, pending = await run(request, fetch_status_rows, organization_id)
-    status = organization_status(
-        facts,
-        time.time(),
-        name=name,
-        pending_invitations=pending,
-        trial_days=config.trial_days,
-        grace_days=config.past_due_grace_days,
-        app_url=config.app_url,
-        catalog=config.catalog,
-    )
+    status, facts = await read_status(request.app, organization_id)
     return {
         "org": status,
         "role": role,
@@ -192,17 +184,32 @@ async def revoke_handler(request: web.Request) -> web.StreamResponse:
     return redirect(back)
 
 
+class PayingForm(NamedTuple):
+    """A form posted by someone who may pay for the organization: what acting needs."""
+
+    session: Session
+    fields: MultiDictProxy[str]
+    api: StripeApi
+    org: BillingOrg
+
+
+async def paying_form(request: web.Request, back: str) -> PayingForm:
+    """The form, once its poster is an owner or billing manager and Stripe is set up."""
+    session, fields = await form(request, back)
+    organization_id, _role = await member_role(request, session, BILLING_ROLES)
+    api = require_stripe(request.app)
+    org = await load_billing_org(request.app, organization_id)
+    return PayingForm(session, fields, api, org)
+
+
 @page
 async def credits_handler(request: web.Request) -> web.StreamResponse:
     """`POST /organizations/{id}/credits`: buy credits through Stripe Checkout."""
     back = organization_path(request.match_info["organization_id"])
     if request.query.get("from") == "billing":
         back += "/billing"
-    session, fields = await form(request, back)
-    organization_id, _role = await member_role(request, session, BILLING_ROLES)
-    api = require_stripe(request.app)
+    session, fields, api, org = await paying_form(request, back)
     cents = parse_amount_cents({"amount_usd": number_field(fields.get("amount_usd"))})
-    org = await load_billing_org(request.app, organization_id)
     checkout = await start_credits(request.app, api, org, cents, None)
     if checkout.get("credits_locked"):
         await notify(request, session, str(checkout["message"]))
