@@ -6,12 +6,10 @@ from __future__ import annotations
 import dataclasses
 import html
 import re
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from yarl import URL
-
-from tests.conftest import RunningGateway
 
 _CSRF = re.compile(r'name="csrf_token" value="([^"]*)"')
 
@@ -37,10 +35,17 @@ class Page:
         return text in html.unescape(self.text)
 
 
+class Served(Protocol):
+    """A running gateway, in this process or another: where it answers."""
+
+    @property
+    def url(self) -> URL: ...
+
+
 class Browser:
     """Cookies and redirects as a browser keeps and follows them (no script)."""
 
-    def __init__(self, gateway: RunningGateway) -> None:
+    def __init__(self, gateway: Served) -> None:
         self.gateway = gateway
         # unsafe: cookies for an IP address host (127.0.0.1), which browsers keep too.
         self.session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))

@@ -28,6 +28,7 @@ from gateway.access.auth import ORGANIZATION_HEADER, hash_token
 from gateway.ledger.spool import PENDING_GLOB
 from gateway.ledger.writer import read_spool
 from tests.factories import Seed
+from tests.pages import Browser
 from tests.processes import (
     GatewayProcess,
     PostgresCluster,
@@ -160,6 +161,43 @@ async def member_token(seed: Seed, **org: Any) -> tuple[str, str]:
     org_id = await seed.org(**org)
     _user_id, token = await seed.member_with_key(org_id)
     return org_id, token
+
+
+async def test_the_pages_say_the_database_is_away_in_words_and_lose_no_form(
+    site: Site,
+) -> None:
+    """A page viewed or a form posted while PostgreSQL is down: a 503 page in words, no
+    traceback; once it is back, the same form goes through."""
+    async with site.seed() as seed:
+        org_id, token = await member_token(seed)
+    gateway = await site.gateway()
+    browser = Browser(gateway)
+    try:
+        page = await browser.sign_in(token)
+        assert page.url.path == f"/organizations/{org_id}"
+        await site.cluster.crash()
+        for answer in (
+            await browser.get(f"/organizations/{org_id}"),
+            await browser.submit(
+                page, f"/organizations/{org_id}/invitations", {"email": "a@b.test"}
+            ),
+        ):
+            assert answer.status == 503, answer.text
+            assert answer.headers["Content-Type"].startswith("text/html")
+            assert 'data-reason="database_unavailable"' in answer.text
+            assert "Traceback" not in answer.text
+        await site.cluster.start()
+        await poll_until(
+            lambda: read_readiness(site.client, gateway.url),
+            lambda r: r[0] == 200,
+            within_seconds=15,
+        )
+        invited = await browser.submit(
+            page, f"/organizations/{org_id}/invitations", {"email": "a@b.test"}
+        )
+        assert invited.has("Invitation sent to a@b.test."), invited.text
+    finally:
+        await browser.close()
 
 
 SLOW_QUERIES = {**SHORT_TTL, "DATABASE_QUERY_TIMEOUT_SECONDS": 0.5}

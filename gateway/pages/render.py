@@ -100,8 +100,11 @@ async def refused(request: web.Request, exc: GatewayError) -> web.StreamResponse
     session = request.get(SESSION)
     back = request.get(BACK_TO)
     if request.method == "POST" and session is not None and back is not None:
-        await run(request, leave_notice, session, exc.message, error=True)
-        return redirect(back)
+        try:
+            await run(request, leave_notice, session, exc.message, error=True)
+            return redirect(back)
+        except GatewayError:
+            pass  # the database is away: the message goes on an error page instead
     context = {"status": exc.status, "message": exc.message, "reason": exc.reason.value}
     return render(request, "error.html", context, status=exc.status)
 
@@ -111,7 +114,7 @@ def render(
 ) -> web.Response:
     """The template rendered with the session (for the header and the forms' CSRF token)."""
     session = request.get(SESSION)
-    full = {"session": session, "app_url": request.app[CONFIG].app_url, **context}
+    full = {"session": session, **context}
     response = aiohttp_jinja2.render_template(template, request, full, status=status)
     response.headers.update(SECURITY_HEADERS)
     return response
