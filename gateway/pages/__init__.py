@@ -10,12 +10,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.pages import billing, invitation, organization, signin
-from gateway.pages.render import STATIC_DIR, setup_templates
+from gateway.pages.assets import setup_assets
 
 
 def setup(app: web.Application) -> None:
     """Templates, the stylesheet, and every page's routes."""
-    setup_templates(app)
-    app.router.add_static("/static/", STATIC_DIR, name="static", append_version=False)
+    setup_assets(app)
     for module in (signin, organization, billing, invitation):
         module.setup(app)

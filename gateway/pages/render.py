@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp_jinja2
-import jinja2
 import structlog
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
@@ -30,9 +28,6 @@ from gateway.platform.database import POOL, run_query
 
 log = structlog.get_logger("gateway.pages")
 
-HERE = Path(__file__).parent
-TEMPLATES_DIR = HERE / "templates"
-STATIC_DIR = HERE / "static"
 SESSION = web.RequestKey("session", Session)
 # Where a refused form post sends the browser back to (set by `form`).
 BACK_TO = web.RequestKey("back_to", str)
@@ -59,18 +54,6 @@ class SignInRequired(Exception):
     def __init__(self, next_path: str) -> None:
         super().__init__(next_path)
         self.next_path = next_path
-
-
-def setup_templates(app: web.Application) -> None:
-    """Jinja2 for the pages: autoescaped, and a missing variable is an error, not a blank."""
-    aiohttp_jinja2.setup(
-        app,
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
-        autoescape=jinja2.select_autoescape(default=True),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
 
 
 def page(handler: PageHandler) -> PageHandler:
