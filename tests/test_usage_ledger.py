@@ -679,6 +679,33 @@ async def test_a_spool_with_a_refused_row_is_replayed_without_it(
     assert await spool_files(successor) == []
 
 
+def usage_counters() -> tuple[float, float, float]:
+    """gateway_usage_spooled_total, _replayed_total and _rejected_total, process-wide."""
+    spooled, replayed, rejected = (
+        REGISTRY.get_sample_value(f"gateway_usage_{name}_total") or 0.0
+        for name in ("spooled", "replayed", "rejected")
+    )
+    return spooled, replayed, rejected
+
+
+async def test_spooled_replayed_and_rejected_charges_are_counted(
+    pool: asyncpg.Pool, db: asyncpg.Connection, seed: Seed, make_ledger: Callable[..., UsageLedger]
+) -> None:
+    """Each charge appended to the spool counts in gateway_usage_spooled_total, each one
+    read back in gateway_usage_replayed_total, and a refused row in _rejected_total."""
+    org = await seed.org()
+    await db.execute(REFUSE_ONE_ROW_SQL.format(refused_id="req_b", hiccup_id=""))
+    spooled, replayed, rejected = usage_counters()
+    crashed = make_ledger(max_pending=0)
+    for request_id in ("req_a", "req_b", "req_c"):
+        crashed.record(charge(org, request_id=request_id))
+    await spilled_and_let_go(crashed)
+    written = await spooled_charges(crashed.spool.path)
+    assert usage_counters() == (spooled + len(written), replayed, rejected)
+    assert await make_ledger().replay_spool(pool) == len(written)
+    assert usage_counters() == (spooled + len(written), replayed + len(written), rejected + 1)
+
+
 async def test_close_writes_everything_pending(
     pool: asyncpg.Pool, db: asyncpg.Connection, seed: Seed, make_ledger: Callable[..., UsageLedger]
 ) -> None:

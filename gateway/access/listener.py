@@ -16,6 +16,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from gateway.platform import metrics
 from gateway.platform.database import UNAVAILABLE_ERRORS
 
 CHANNEL = "gateway_changes"
@@ -57,7 +58,7 @@ class ChangeListener:
                 backoff = 0.1
             except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as exc:
                 log.warning("listen_connection_failed", error=type(exc).__name__)
-            self.connected.clear()
+            self._disconnected()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff_seconds)
 
@@ -73,14 +74,19 @@ class ChangeListener:
             self._on_reset()
             self._on_connected()
             self.connected.set()
+            metrics.LISTEN_CONNECTED.set(1)
             log.info("listen_connected", channel=CHANNEL)
             await self._watch(conn, lost)
         finally:
-            self.connected.clear()
+            self._disconnected()
             self._on_reset()
             if not conn.is_closed():
                 conn.terminate()
         log.warning("listen_connection_lost", channel=CHANNEL)
+
+    def _disconnected(self) -> None:
+        self.connected.clear()
+        metrics.LISTEN_CONNECTED.set(0)
 
     async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         """Return when the connection is gone; a ping finds a silently dead peer."""

@@ -12,11 +12,13 @@ class RequestContext:
     """Filled in by the middleware and the handler; read once when the request ends."""
 
     __slots__ = (
+        "body_wait_seconds",
         "client_gone",
         "organization_id",
         "reason",
         "request_id",
         "route",
+        "sent_upstream_at",
         "ttfb_seconds",
         "upstream_status",
         "user_id",
@@ -33,6 +35,10 @@ class RequestContext:
         self.reason: str | None = None
         self.upstream_status: int | None = None
         self.ttfb_seconds: float | None = None
+        # For the overhead metric: time.perf_counter() as the request went upstream, and
+        # how long the gateway waited for a body still arriving (the client's time).
+        self.sent_upstream_at: float | None = None
+        self.body_wait_seconds = 0.0
         # The client disconnected before the response was complete.
         self.client_gone = False
 

@@ -22,6 +22,7 @@ import structlog
 
 from gateway.ledger.charge import Charge
 from gateway.ledger.spool import Spool
+from gateway.platform import metrics
 
 log = structlog.get_logger("gateway.usage")
 
@@ -103,6 +104,7 @@ class SpillingQueue:
             self._pending.extendleft(reversed(charges))
             return
         self._spooled_by_us.update((c.request_id, c) for c in charges)
+        metrics.USAGE_SPOOLED.inc(len(charges))
         # Spilled charges are written back as soon as the database takes a batch again,
         # even when no write failed meanwhile (a pool waiting out the outage).
         self._replay_due = True

@@ -169,6 +169,7 @@ class UsageLedger(SpillingQueue):
                 # Only what this process spooled was counted against balances here.
                 self._written(c for c in charges if self._spooled_by_us.pop(c.request_id, None))
                 replayed += len(charges)
+                metrics.USAGE_REPLAYED.inc(len(charges))
                 log.info("usage_spool_replayed", charges=len(charges), path=str(claim.path))
         finally:
             # In the thread's queue at once, so the locks go back even if this task is
@@ -209,6 +210,7 @@ class UsageLedger(SpillingQueue):
                     pass
                 backoff = self._interval
             except UNAVAILABLE_ERRORS as exc:
+                metrics.DATABASE_UNAVAILABLE_ON["usage_flush"].inc()
                 self._replay_due = True  # files of a process that died meanwhile, too
                 backoff = min(max(backoff * 2, 0.1), 5.0)
                 log.warning("usage_flush_failed", error=type(exc).__name__, pending=len(self))
@@ -263,6 +265,7 @@ class UsageLedger(SpillingQueue):
             path = await self._on_disk(
                 functools.partial(append_rejected, self.spool.directory, [charge.record()])
             )
+            metrics.USAGE_REJECTED.inc()
             log.error(
                 "usage_charge_rejected",
                 request_id=charge.request_id,

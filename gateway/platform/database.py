@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from gateway.errors import DatabaseUnavailable
+from gateway.platform import metrics
 
 log = structlog.get_logger("gateway.database")
 T = TypeVar("T")
@@ -79,6 +80,7 @@ async def create_pool(
         server_settings={"application_name": APPLICATION_NAME},
     )
     assert pool is not None
+    metrics.follow_pool(pool)
     return pool
 
 
@@ -112,6 +114,7 @@ class QueryLimiter:
         self._retry_after_failure_seconds = retry_after_failure_seconds
         self._paused_until = 0.0
         self.in_flight = 0
+        metrics.follow_queries(self)
 
     async def run(
         self,
@@ -122,8 +125,10 @@ class QueryLimiter:
     ) -> T:
         """`run_query`, unless the database just failed or `limit` queries are waiting."""
         if time.monotonic() < self._paused_until:
+            metrics.DATABASE_UNAVAILABLE_ON["query"].inc()
             raise DatabaseUnavailable(_UNREACHABLE, headers={"Retry-After": "5"})
         if self.in_flight >= self._limit:
+            metrics.DATABASE_UNAVAILABLE_ON["overloaded"].inc()
             raise DatabaseUnavailable(
                 "The gateway's database is overloaded; retry shortly.",
                 headers={"Retry-After": "1"},
@@ -132,6 +137,7 @@ class QueryLimiter:
         try:
             return await run_query(pool, timeout_seconds, query, *args)
         except DatabaseUnavailable:
+            metrics.DATABASE_UNAVAILABLE_ON["query"].inc()
             self._paused_until = time.monotonic() + self._retry_after_failure_seconds
             raise
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Sized
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import (
@@ -78,9 +79,128 @@ USAGE_FLUSH_SECONDS = Histogram(
     buckets=_DURATION_BUCKETS,
 )
 
+USAGE_SPOOLED = Counter(
+    "gateway_usage_spooled",
+    "Charges appended to the spool on local disk (USAGE_SPOOL_DIR) because the database"
+    " did not take them in time.",
+)
+USAGE_REPLAYED = Counter(
+    "gateway_usage_replayed",
+    "Charges read back from spool files and written to the database (or, refused for"
+    " their content, set aside: gateway_usage_rejected_total).",
+)
+USAGE_REJECTED = Counter(
+    "gateway_usage_rejected",
+    "Charges the database refused for their content, set aside in rejected-*.jsonl.",
+)
+
+OVERHEAD = Histogram(
+    "gateway_overhead_seconds",
+    "The gateway's own time before a request goes upstream: from the request's start"
+    " (its head read) to forwarding it, less any wait for a body still arriving (the"
+    " client's time). Requests answered without the upstream are not observed.",
+    buckets=_DURATION_BUCKETS,
+)
+UPSTREAM_ERRORS = Counter(
+    "gateway_upstream_errors",
+    "Upstream failures, by reason: upstream_unreachable, upstream_timeout and"
+    " upstream_protocol_error (no usable response), upstream_payment_required (the"
+    " gateway's OpenRouter account refused), broken_stream (cut mid-response).",
+    ["reason"],
+)
+# Made up front: every reason exports a 0 before its first failure, for rate().
+UPSTREAM_ERROR = {
+    reason: UPSTREAM_ERRORS.labels(reason=reason)
+    for reason in (
+        "upstream_unreachable",
+        "upstream_protocol_error",
+        "upstream_timeout",
+        "upstream_payment_required",
+        "broken_stream",
+    )
+}
+
+LISTEN_CONNECTED = Gauge(
+    "gateway_listen_connected",
+    "1 while the LISTEN connection for change notifications is up, 0 otherwise.",
+    # With several workers, the lowest: one worker without notifications is enough.
+    multiprocess_mode="livemin",
+)
+DATABASE_POOL_CONNECTIONS = Gauge(
+    "gateway_database_pool_connections",
+    "Open connections of the database pool, by state: in_use (lent to a query) or idle.",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+DATABASE_PENDING_QUERIES = Gauge(
+    "gateway_database_pending_queries",
+    "Request-path queries (cache misses) waiting for or running on a pooled connection;"
+    " past DATABASE_MAX_PENDING_QUERIES requests get 503 at once.",
+    multiprocess_mode="livesum",
+)
+DATABASE_UNAVAILABLE = Counter(
+    "gateway_database_unavailable",
+    "Times the database did not answer, by operation: query (a request's lookup, or"
+    " one refused during the pause after a failure), overloaded (the pending-queries"
+    " cap), usage_flush (a batch of charges), readyz (a /readyz probe).",
+    ["operation"],
+)
+DATABASE_UNAVAILABLE_ON = {
+    operation: DATABASE_UNAVAILABLE.labels(operation=operation)
+    for operation in ("query", "overloaded", "usage_flush", "readyz")
+}
+
+POOL_IN_USE = DATABASE_POOL_CONNECTIONS.labels(state="in_use")
+POOL_IDLE = DATABASE_POOL_CONNECTIONS.labels(state="idle")
 CACHE_HIT = ENTITLEMENT_CACHE.labels(result="hit")
 CACHE_MISS = ENTITLEMENT_CACHE.labels(result="miss")
 CACHE_STALE = ENTITLEMENT_CACHE.labels(result="stale")
+
+
+class ConnectionPool(Protocol):
+    """What the pool gauges read of an asyncpg pool."""
+
+    def get_size(self) -> int: ...
+    def get_idle_size(self) -> int: ...
+    def is_closing(self) -> bool: ...
+
+
+class PendingQueries(Protocol):
+    """What the pending-queries gauge reads of a `database.QueryLimiter`."""
+
+    in_flight: int
+
+
+# This process's pools and query limiters, which `database.py` registers as it makes them
+# (process-wide like the process collector: two applications in one process add up).
+# asyncpg pools cannot be weakly referenced, so a pool is dropped once it is closing.
+_pools: set[ConnectionPool] = set()
+_limiters: weakref.WeakSet[PendingQueries] = weakref.WeakSet()
+
+
+def follow_pool(pool: ConnectionPool) -> None:
+    """Report the pool's connections in gateway_database_pool_connections until it closes."""
+    _pools.add(pool)
+
+
+def follow_queries(limiter: PendingQueries) -> None:
+    """Report `limiter.in_flight` in gateway_database_pending_queries (while it lives)."""
+    _limiters.add(limiter)
+
+
+def _report_database() -> None:
+    """Set the database gauges from the pools and limiters (a few us: at folds only)."""
+    size = idle = 0
+    for pool in list(_pools):
+        if pool.is_closing():
+            _pools.discard(pool)
+            continue
+        size += pool.get_size()
+        idle += pool.get_idle_size()
+    POOL_IN_USE.set(size - idle)
+    POOL_IDLE.set(idle)
+    DATABASE_PENDING_QUERIES.set(sum(limiter.in_flight for limiter in list(_limiters)))
+
 
 # Past this many answered requests waiting to be counted, the request that reaches it
 # folds (when nothing else does, as in tests that never start the app's background tasks).
@@ -101,8 +221,9 @@ class Tally:
     __slots__ = ("_answered", "_children", "_pending", "cache_hits", "cache_misses", "open_streams")
 
     def __init__(self) -> None:
-        # Requests answered and not yet counted: (route, method, status, duration, TTFB).
-        self._answered: list[tuple[str, str, int, float, float | None]] = []
+        # Requests answered and not yet counted: (route, method, status, duration, TTFB,
+        # overhead).
+        self._answered: list[tuple[str, str, int, float, float | None, float | None]] = []
         # labels() costs a lock and a dict lookup; requests reuse the children they made.
         self._children: dict[tuple[str, str, int], Counter] = {}
         # Queues of charges not yet written (the usage ledgers): the pending gauge.
@@ -134,9 +255,13 @@ class Tally:
         status: int,
         duration_seconds: float,
         ttfb_seconds: float | None,
+        overhead_seconds: float | None = None,
     ) -> None:
-        """Note one answered request for the request, duration and upstream TTFB metrics."""
-        self._answered.append((route, method, status, duration_seconds, ttfb_seconds))
+        """Note one answered request for the request, duration, upstream TTFB and overhead
+        metrics (the last two None when the request did not go upstream)."""
+        self._answered.append(
+            (route, method, status, duration_seconds, ttfb_seconds, overhead_seconds)
+        )
         if len(self._answered) >= FOLD_AT:
             self.fold()
 
@@ -156,12 +281,14 @@ class Tally:
             batch = answered[:limit]
             del answered[:limit]
         counts: dict[tuple[str, str, int], int] = {}
-        for route, method, status, duration, ttfb in batch:
+        for route, method, status, duration, ttfb, overhead in batch:
             key = (route, method, status)
             counts[key] = counts.get(key, 0) + 1
             REQUEST_DURATION.observe(duration)
             if ttfb is not None:
                 UPSTREAM_TTFB.observe(ttfb)
+            if overhead is not None:
+                OVERHEAD.observe(overhead)
         children = self._children
         for key, count in counts.items():
             child = children.get(key)
@@ -177,6 +304,7 @@ class Tally:
             CACHE_MISS.inc(misses)
         ACTIVE_STREAMS.set(self.open_streams)
         USAGE_PENDING.set(sum(len(queue) for queue in list(self._pending)))
+        _report_database()
         return bool(answered)
 
 

@@ -18,6 +18,7 @@ from typing import Protocol
 from multidict import CIMultiDict
 
 from gateway.common.context import RequestContext
+from gateway.platform import metrics
 from gateway.platform.metrics import Tally
 from gateway.proxy.forwarding import relay_headers
 from gateway.proxy.metering import Meter
@@ -81,6 +82,7 @@ async def relay(
         await sink.end()
     except UpstreamBroke:
         client_gone = False
+        metrics.UPSTREAM_ERROR["broken_stream"].inc()
         await _end_broken_stream(sink, upstream)
     except ConnectionError:
         # The client went away (before the headers or mid-body): nothing is left to send.

@@ -48,6 +48,7 @@ from gateway.errors import (
     UpstreamUnreachable,
 )
 from gateway.ledger.writer import LEDGER
+from gateway.platform import metrics
 from gateway.platform.aiohttp_internals import defer_headers_to_first_write
 from gateway.platform.metrics import TALLY
 from gateway.proxy.charging import Charger, RequestBody
@@ -89,17 +90,22 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     """aiohttp's entry to the proxy route (connections the route's own server handed over)."""
     sink = _AiohttpSink(request)
     body_timeout = request.app[CONFIG].body_timeout_seconds
+    ctx = request[CONTEXT]
 
     async def read_body() -> bytes:
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(body_timeout):
                 return await request.read()
         except TimeoutError:
             raise RequestTimeout("The request body did not arrive in time.") from None
+        finally:
+            # The client's time, not the gateway's: left out of gateway_overhead_seconds.
+            ctx.body_wait_seconds += time.perf_counter() - started
 
     await proxy(
         request.app,
-        request[CONTEXT],
+        ctx,
         ProxyRequest(
             request.method,
             request.rel_url.raw_path,
@@ -208,16 +214,21 @@ async def judge(
 
 
 def upstream_error(exc: UpstreamFailed | UpstreamBroke) -> GatewayError:
-    """What the client is told when the upstream failed before a response could start."""
+    """What the client is told when the upstream failed before a response could start
+    (counted in gateway_upstream_errors_total under the error's reason)."""
+    error: GatewayError
     if isinstance(exc, UpstreamSilent):
-        return UpstreamTimeout("OpenRouter did not answer in time; retry shortly.")
-    if isinstance(exc, UpstreamMisspoke):
-        return UpstreamProtocolError(
+        error = UpstreamTimeout("OpenRouter did not answer in time; retry shortly.")
+    elif isinstance(exc, UpstreamMisspoke):
+        error = UpstreamProtocolError(
             "OpenRouter sent a response the gateway could not read; retry shortly."
         )
-    if isinstance(exc, UpstreamDown):
-        return UpstreamUnreachable("The gateway could not reach OpenRouter; retry shortly.")
-    return UpstreamUnreachable("OpenRouter's answer was cut short; retry shortly.")
+    elif isinstance(exc, UpstreamDown):
+        error = UpstreamUnreachable("The gateway could not reach OpenRouter; retry shortly.")
+    else:
+        error = UpstreamUnreachable("OpenRouter's answer was cut short; retry shortly.")
+    metrics.UPSTREAM_ERROR[error.reason.value].inc()
+    return error
 
 
 async def send_options(sink: Sink, methods: frozenset[str], ctx: RequestContext) -> None:
@@ -255,7 +266,7 @@ async def send_upstream(
         app[CONFIG].openrouter_api_key,
         plain_body=request.method not in READ_METHODS,
     )
-    started = time.perf_counter()
+    started = ctx.sent_upstream_at = time.perf_counter()
     try:
         upstream = await client.request(request.method, target, headers.items(), body)
     except UpstreamFailed as exc:
@@ -264,6 +275,7 @@ async def send_upstream(
     ctx.upstream_status = upstream.status
     if upstream.status == 402:
         upstream.close()
+        metrics.UPSTREAM_ERROR["upstream_payment_required"].inc()
         # Our OpenRouter account is out of credit: our problem, not the user's.
         raise UpstreamPaymentRequired(
             "The model provider refused the gateway's account; this is on our side, retry later."

@@ -72,6 +72,7 @@ class ProxyConnection(asyncio.Protocol):
         self._body_taken = True
         self._body_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._ctx: RequestContext | None = None  # of the request being served
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since: float | None = None  # None while a request is read or served
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -200,6 +201,7 @@ class ProxyConnection(asyncio.Protocol):
         if len(self._buffer) < self._body_length:
             waiter = self._body_waiter = self._loop.create_future()
             self._resume_reading()
+            started = self._loop.time()
             try:
                 async with asyncio.timeout(self._body_timeout_seconds):
                     await waiter
@@ -207,6 +209,9 @@ class ProxyConnection(asyncio.Protocol):
                 raise RequestTimeout("The request body did not arrive in time.") from None
             finally:
                 self._body_waiter = None
+                if self._ctx is not None:
+                    # The client's time, not the gateway's: not in gateway_overhead_seconds.
+                    self._ctx.body_wait_seconds += self._loop.time() - started
         length = self._body_length
         body = bytes(self._buffer[:length])
         self._buffer = self._buffer[length:]
@@ -245,6 +250,7 @@ class ProxyConnection(asyncio.Protocol):
 
     async def _respond(self, head: RequestHead, ctx: RequestContext, sink: ConnectionSink) -> int:
         """Run the proxy; answer a refusal with the envelope. Returns the status sent."""
+        self._ctx = ctx
         request = ProxyRequest(
             head.method, head.raw_path, head.query_string, head.headers, self._read_body
         )

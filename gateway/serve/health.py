@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway.access.listener import LISTENER
 from gateway.config import CONFIG
+from gateway.platform import metrics
 from gateway.platform.database import POOL, UNAVAILABLE_ERRORS
 
 
@@ -25,6 +26,7 @@ async def readyz(request: web.Request) -> web.Response:
         async with request.app[POOL].acquire(timeout=timeout) as conn:
             await conn.fetchval("SELECT 1", timeout=timeout)
     except UNAVAILABLE_ERRORS:
+        metrics.DATABASE_UNAVAILABLE_ON["readyz"].inc()
         return web.json_response({"status": "unavailable", "database": "down"}, status=503)
     listening = request.app[LISTENER].connected.is_set()
     return web.json_response({"status": "ok", "database": "up", "change_notifications": listening})

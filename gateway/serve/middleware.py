@@ -82,9 +82,16 @@ class RequestRecord:
             self.status = CLIENT_CLOSED_REQUEST
         if self._task is not None:
             self._in_flight.discard(self._task)
-        ctx, duration = self.ctx, time.perf_counter() - self._started
+        ctx, started = self.ctx, self._started
+        duration = time.perf_counter() - started
+        sent = ctx.sent_upstream_at
         self._tally.request_answered(
-            ctx.route, self.method, self.status, duration, ctx.ttfb_seconds
+            ctx.route,
+            self.method,
+            self.status,
+            duration,
+            ctx.ttfb_seconds,
+            None if sent is None else sent - started - ctx.body_wait_seconds,
         )
         log_request(ctx, method=self.method, status=self.status, duration_seconds=duration)
 
