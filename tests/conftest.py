@@ -280,6 +280,28 @@ def blockbuster() -> Iterator[BlockBuster]:
         checker.deactivate()
 
 
+# Nothing listens here: a pool on it fails like a database that is down.
+UNREACHABLE_DSN = "postgresql://postgres@127.0.0.1:1/nowhere"
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on this test's database, as the gateway's ledger uses."""
+    created = await asyncpg.create_pool(db_url, min_size=1, max_size=4)
+    assert created is not None
+    yield created
+    await created.close()
+
+
+@pytest.fixture
+async def dead_pool() -> AsyncIterator[asyncpg.Pool]:
+    """A pool whose every connection attempt is refused (the database is down)."""
+    created = await asyncpg.create_pool(UNREACHABLE_DSN, min_size=0, max_size=1)
+    assert created is not None
+    yield created
+    await created.close()
+
+
 @pytest.fixture
 async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
     """The test Stripe server, with no objects in it (a module whose tests need a catalog

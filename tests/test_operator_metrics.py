@@ -32,7 +32,7 @@ from gateway.errors import DatabaseUnavailable
 from gateway.platform import metrics
 from gateway.platform.database import POOL, QueryLimiter
 from gateway.serve.health import readyz
-from tests.conftest import RunningGateway
+from tests.conftest import UNREACHABLE_DSN, RunningGateway
 from tests.factories import Seed
 
 CHAT_URL = "/api/openrouter/chat/completions"
@@ -43,7 +43,6 @@ CHAT_BODY: dict[str, Any] = {
 DEADLINE_SECONDS = 5.0
 POLL_SECONDS = 0.02
 # Nothing listens here: a pool or a LISTEN connection on it fails as a database that is down.
-UNREACHABLE_DSN = "postgresql://postgres@127.0.0.1:1/nowhere"
 # How long the slow-upload test's client waits between a request's head and its body.
 UPLOAD_PAUSE_SECONDS = 0.4
 
@@ -193,22 +192,6 @@ async def test_pool_and_pending_query_gauges_are_exported_with_sane_values(
         held = await scrape(client, gateway)
         held_in_use = value(held, "gateway_database_pool_connections", {"state": "in_use"})
         assert held_in_use is not None and held_in_use >= 1
-
-
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
-    created = await asyncpg.create_pool(db_url, min_size=0, max_size=2)
-    assert created is not None
-    yield created
-    await created.close()
-
-
-@pytest.fixture
-async def dead_pool() -> AsyncIterator[asyncpg.Pool]:
-    created = await asyncpg.create_pool(UNREACHABLE_DSN, min_size=0, max_size=1)
-    assert created is not None
-    yield created
-    await created.close()
 
 
 async def test_pending_queries_and_overload_are_counted(pool: asyncpg.Pool) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,26 +35,6 @@ pytestmark = pytest.mark.usefixtures("blockbuster")
 COST = 420
 DEADLINE_SECONDS = 5.0
 POLL_SECONDS = 0.01
-# Nothing listens here: a pool on it fails like a database that is down.
-UNREACHABLE_DSN = "postgresql://postgres@127.0.0.1:1/nowhere"
-
-
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
-    """A pool on this test's database, as the gateway's ledger uses."""
-    created = await asyncpg.create_pool(db_url, min_size=1, max_size=4)
-    assert created is not None
-    yield created
-    await created.close()
-
-
-@pytest.fixture
-async def dead_pool() -> AsyncIterator[asyncpg.Pool]:
-    """A pool whose every connection attempt is refused (the database is down)."""
-    created = await asyncpg.create_pool(UNREACHABLE_DSN, min_size=0, max_size=1)
-    assert created is not None
-    yield created
-    await created.close()
 
 
 @pytest.fixture
