@@ -206,6 +206,27 @@ async def test_timings_and_active_streams_are_exported(
     assert "\ngateway_active_streams " in after
 
 
+async def test_request_duration_is_told_apart_by_route_and_status_class(
+    gateway: RunningGateway, client: aiohttp.ClientSession, seed: Seed
+) -> None:
+    """A stream and a refusal of the same route land in different duration series, so
+    that a fast 401 never hides a slow 200 in the route's latency."""
+    _org, _user, token = await member_token(seed)
+    before = await scrape(client, gateway)
+    assert (await send(client, gateway, token=token))[0] == 200
+    assert (await send(client, gateway, token="kilo_not_a_key"))[0] == 401
+    count = "gateway_request_duration_seconds_count"
+    await wait_for_delta(
+        client,
+        gateway,
+        before,
+        {
+            metric(count, route=CHAT_ROUTE, status_class="2xx"): 1,
+            metric(count, route=CHAT_ROUTE, status_class="4xx"): 1,
+        },
+    )
+
+
 async def test_entitlement_cache_hits_and_misses_are_counted(
     gateway: RunningGateway, client: aiohttp.ClientSession, seed: Seed
 ) -> None:
@@ -311,7 +332,8 @@ def test_requests_folded_in_slices_are_each_counted_once() -> None:
     tally = metrics.Tally()
     labels = {"route": "/test/fold", "method": "POST", "status": "299"}
     before = REGISTRY.get_sample_value("gateway_requests_total", labels) or 0.0
-    observed = REGISTRY.get_sample_value("gateway_request_duration_seconds_count") or 0.0
+    by_class = {"route": "/test/fold", "status_class": "2xx"}
+    observed = REGISTRY.get_sample_value("gateway_request_duration_seconds_count", by_class) or 0.0
     for _ in range(300):
         tally.request_answered("/test/fold", "POST", 299, 0.001, None)
     slices = 1
@@ -319,6 +341,9 @@ def test_requests_folded_in_slices_are_each_counted_once() -> None:
         slices += 1
     assert slices == 3  # 128 + 128 + 44
     assert REGISTRY.get_sample_value("gateway_requests_total", labels) == before + 300
-    assert REGISTRY.get_sample_value("gateway_request_duration_seconds_count") == observed + 300
+    assert (
+        REGISTRY.get_sample_value("gateway_request_duration_seconds_count", by_class)
+        == observed + 300
+    )
     assert not tally.fold(128)  # nothing left, nothing counted again
     assert REGISTRY.get_sample_value("gateway_requests_total", labels) == before + 300

@@ -43,7 +43,9 @@ BLOCKED = Counter(
 )
 REQUEST_DURATION = Histogram(
     "gateway_request_duration_seconds",
-    "Time from request to the last byte of the response.",
+    "Time from request to the last byte of the response, by route template and status"
+    " class (2xx, 4xx, ...): a refusal and a stream of the same route are not averaged.",
+    ["route", "status_class"],
     buckets=_DURATION_BUCKETS,
 )
 UPSTREAM_TTFB = Histogram(
@@ -218,7 +220,15 @@ class Tally:
     applications in one process (the tests) never count each other's requests.
     """
 
-    __slots__ = ("_answered", "_children", "_pending", "cache_hits", "cache_misses", "open_streams")
+    __slots__ = (
+        "_answered",
+        "_children",
+        "_durations",
+        "_pending",
+        "cache_hits",
+        "cache_misses",
+        "open_streams",
+    )
 
     def __init__(self) -> None:
         # Requests answered and not yet counted: (route, method, status, duration, TTFB,
@@ -226,6 +236,7 @@ class Tally:
         self._answered: list[tuple[str, str, int, float, float | None, float | None]] = []
         # labels() costs a lock and a dict lookup; requests reuse the children they made.
         self._children: dict[tuple[str, str, int], Counter] = {}
+        self._durations: dict[tuple[str, int], Histogram] = {}
         # Queues of charges not yet written (the usage ledgers): the pending gauge.
         self._pending: weakref.WeakSet[Sized] = weakref.WeakSet()
         self.open_streams = 0
@@ -281,10 +292,17 @@ class Tally:
             batch = answered[:limit]
             del answered[:limit]
         counts: dict[tuple[str, str, int], int] = {}
+        durations = self._durations
         for route, method, status, duration, ttfb, overhead in batch:
             key = (route, method, status)
             counts[key] = counts.get(key, 0) + 1
-            REQUEST_DURATION.observe(duration)
+            by_class = (route, status // 100)
+            histogram = durations.get(by_class)
+            if histogram is None:
+                histogram = durations[by_class] = REQUEST_DURATION.labels(
+                    route, f"{status // 100}xx"
+                )
+            histogram.observe(duration)
             if ttfb is not None:
                 UPSTREAM_TTFB.observe(ttfb)
             if overhead is not None:
