@@ -3,6 +3,8 @@ OpenRouter, a configuration, and a gateway serving on a real port.
 
 The database is the embedded PostgreSQL from `pgserver`, or the server named by
 `TEST_DATABASE_URL`. Each test gets its own database, cloned from a migrated template.
+Under pytest-xdist every worker is its own session: it starts its own embedded server,
+and on a shared `TEST_DATABASE_URL` builds its own template (named after the worker).
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from gateway.serve.runner import runner_for
 from tests.factories import Seed
 from tests.fake_stripe import RunningFakeStripe, start_fake_stripe
 
-TEMPLATE_DB = "gateway_test_template"
+# One per pytest-xdist worker (its id, "gw0", "gw1", ..., is unset when not distributed):
+# workers sharing a TEST_DATABASE_URL server must not drop each other's template.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+TEMPLATE_DB = f"gateway_test_template_{_XDIST_WORKER}" if _XDIST_WORKER else "gateway_test_template"
 UPSTREAM_TEST_KEY = "sk-or-v1-test-upstream-key-never-shown-0123456789"
 
 
@@ -250,6 +255,9 @@ _MAY_BLOCK = [
     # the catalog; the gateway itself reads them once, before its loop starts (__main__).
     # Only this test helper's call is allowed: gateway.config read on a loop elsewhere fails.
     ("io.BufferedReader.read", "tests/conftest.py", "make"),
+    # pytest-timeout prints every thread's stack from its SIGALRM handler, which runs on
+    # the loop of a test that hung: without this the dump itself fails, stackless.
+    ("io.TextIOWrapper.write", "pytest_timeout.py", "timeout_sigalrm"),
 ]
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -172,11 +173,19 @@ async def test_bad_setting_fails_serve_naming_the_variable(
 
 
 @pytest.fixture
-async def served(empty_database_url: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """`python -m gateway serve` on a free loopback port; killed after the test if still up."""
+async def served(
+    empty_database_url: str, tmp_path: Path
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`python -m gateway serve` on a free loopback port; killed after the test if still up.
+
+    Its spool is the test's own, never the checkout's .data/ (shared by every xdist worker,
+    and holding a developer's real spooled charges)."""
     port = free_port()
     env = gateway_env(
-        DATABASE_URL=empty_database_url, GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(port)
+        DATABASE_URL=empty_database_url,
+        GATEWAY_HOST="127.0.0.1",
+        GATEWAY_PORT=str(port),
+        USAGE_SPOOL_DIR=str(tmp_path / "spool"),
     )
     process = await start(["serve"], env)
     try:

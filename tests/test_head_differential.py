@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import HttpRequestParser
 from hypothesis import HealthCheck, example, given, settings
@@ -21,6 +22,9 @@ from hypothesis import strategies as st
 
 from gateway.serve.heads import RequestHead, parse_head
 
+# Thousands of examples each, all CPU: 11 s alone, and past the default 60 s when the
+# cores are shared with the other xdist workers. The limit is there to catch a hang.
+pytestmark = pytest.mark.timeout(240)
 MAX_BODY = 10_000
 
 
