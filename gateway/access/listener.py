@@ -16,6 +16,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from gateway.common.waiting import wait_until_set
 from gateway.platform import metrics
 from gateway.platform.database import UNAVAILABLE_ERRORS
 
@@ -91,9 +92,7 @@ class ChangeListener:
     async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         """Return when the connection is gone; a ping finds a silently dead peer."""
         while not lost.is_set():
-            try:
-                await asyncio.wait_for(lost.wait(), self._check_interval_seconds)
-            except TimeoutError:
+            if not await wait_until_set(lost, self._check_interval_seconds):
                 await conn.execute("SELECT 1", timeout=self._check_interval_seconds * 2)
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:

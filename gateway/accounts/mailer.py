@@ -30,6 +30,7 @@ import structlog
 from aiohttp import web
 
 from gateway.access.queries import Queryable
+from gateway.common.waiting import wait_until_set
 from gateway.config import CONFIG, SmtpSettings, parse_smtp_url
 from gateway.platform.database import POOL, UNAVAILABLE_ERRORS
 
@@ -124,8 +125,7 @@ class Mailer:
                 log.warning("email_outbox_unavailable", error=type(exc).__name__)
             except Exception:
                 log.exception("email_sender_failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.poll_interval_seconds)
+            await wait_until_set(self._stopping, self.poll_interval_seconds)
 
     async def send_due(self, pool: asyncpg.Pool) -> int:
         """Claim and deliver one batch of due messages; return how many were delivered.

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import functools
 import itertools
 import time
@@ -35,6 +34,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from gateway.common.waiting import wait_until_set
 from gateway.ledger.charge import (
     COST,
     ENCODE_SLICE,
@@ -194,8 +194,7 @@ class UsageLedger(SpillingQueue):
         backoff = self._interval
         set_aside = False
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), backoff)
+            await wait_until_set(self._wake, backoff)
             self._wake.clear()
             # A failed batch back in the queue can take it past the bound with no new charge.
             if len(self._pending) > self._max_pending and self._spill_task is None:
