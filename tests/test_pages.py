@@ -150,6 +150,14 @@ async def test_an_emailed_link_signs_in_once(
         await browser.close()
 
 
+async def test_an_address_that_is_none_is_asked_again_on_the_sign_in_page(browser: Browser) -> None:
+    login = await browser.get("/login")
+    page = await browser.post("/login/email", {"csrf_token": login.csrf, "email": "nobody"})
+    assert page.status == 400 and page.url.path == "/login/email"
+    assert page.has("Enter the email address of your Kilo Code account.")
+    assert 'id="email"' in page.text  # the form is there to try again
+
+
 async def test_an_unknown_address_is_answered_the_same_and_gets_no_email(
     browser: Browser, db: asyncpg.Connection
 ) -> None:

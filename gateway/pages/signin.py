@@ -96,7 +96,8 @@ async def email_handler(request: web.Request) -> web.StreamResponse:
     fields = await sign_in_fields(request)
     email = str(fields.get("email", "")).strip()
     if not email or "@" not in email or len(email) > MAX_EMAIL_LENGTH or not email.isprintable():
-        raise BadRequest("Enter the email address of your Kilo Code account.")
+        error = BadRequest("Enter the email address of your Kilo Code account.")
+        return login_page(request, status=error.status, error=error.message)
     config = request.app[CONFIG]
     next_path = safe_next(str(fields.get("next", "")))
     await run(request, send_sign_in_link, email, next_path, config)
