@@ -73,6 +73,7 @@ def create_app(config: Config) -> web.Application:
         on_charged=partial(revalidate_unless_notified, app[LISTENER], app[CACHE]),
     )
     app[TALLY].follow_pending(app[LEDGER])
+    app[TALLY].follow_database(queries=app[QUERIES])
     # Cleanup runs in reverse: charges are flushed before the pool closes.
     app.cleanup_ctx.extend(
         [flusher, database_pool, upstream_session, usage_ledger, change_listener]
@@ -183,6 +184,7 @@ async def database_pool(app: web.Application) -> AsyncIterator[None]:
         max_size=config.database_pool_max_size,
         query_timeout_seconds=config.database_query_timeout_seconds,
     )
+    app[TALLY].follow_database(pool=app[POOL])
     yield
     await app[POOL].close()
 

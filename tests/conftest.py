@@ -32,7 +32,12 @@ from gateway.platform.logs import setup_logging
 from gateway.platform.migrations import migrate
 from gateway.serve.runner import runner_for
 from tests.factories import Seed
-from tests.fake_stripe import RunningFakeStripe, start_fake_stripe
+from tests.fake_stripe import (
+    RunningFakeStripe,
+    start_fake_stripe,
+    start_fake_stripe_set_up,
+    stripe_env,
+)
 
 # One per pytest-xdist worker (its id, "gw0", "gw1", ..., is unset when not distributed):
 # workers sharing a TEST_DATABASE_URL server must not drop each other's template.
@@ -311,9 +316,19 @@ async def dead_pool() -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture
-async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
-    """The test Stripe server, with no objects in it (a module whose tests need a catalog
-    or stripe-setup's objects defines its own)."""
-    running = await start_fake_stripe()
+async def stripe_server(request: pytest.FixtureRequest) -> AsyncIterator[RunningFakeStripe]:
+    """The test Stripe server: empty, or as `stripe-setup` leaves it (products, prices, the
+    portal configuration) for tests marked `stripe_set_up`."""
+    set_up = request.node.get_closest_marker("stripe_set_up") is not None
+    running = await (start_fake_stripe_set_up() if set_up else start_fake_stripe())
     yield running
     await running.close()
+
+
+@pytest.fixture
+async def billing_gateway(
+    gateway_factory: Callable[..., Any], stripe_server: RunningFakeStripe
+) -> RunningGateway:
+    """A gateway whose Stripe (key, webhook secret, API base) is the test server."""
+    gateway: RunningGateway = await gateway_factory(**stripe_env(stripe_server))
+    return gateway

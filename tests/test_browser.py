@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
@@ -24,7 +23,7 @@ from yarl import URL
 
 from tests.conftest import RunningGateway
 from tests.factories import Seed
-from tests.fake_stripe import RunningFakeStripe, event_object, start_fake_stripe_set_up, stripe_env
+from tests.fake_stripe import RunningFakeStripe, event_object
 from tests.test_webhooks import deliver
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -39,7 +38,7 @@ CHROMIUM_ARGS = [
 ]
 CHECKOUT_PAGES = "https://checkout.stripe.test/**"
 DAY = timedelta(days=1)
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.stripe_set_up]
 
 
 @pytest.fixture
@@ -60,22 +59,6 @@ async def chromium(chromium_path: str) -> AsyncIterator[Browser]:
         )
         yield browser
         await browser.close()
-
-
-@pytest.fixture
-async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
-    running = await start_fake_stripe_set_up()
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def site(
-    gateway_factory: Callable[..., Any], stripe_server: RunningFakeStripe
-) -> RunningGateway:
-    """A gateway whose Stripe is the test server, set up as `stripe-setup` leaves it."""
-    gateway: RunningGateway = await gateway_factory(**stripe_env(stripe_server))
-    return gateway
 
 
 class Shots:
@@ -109,8 +92,8 @@ async def new_page(chromium: Browser) -> Page:
     return await context.new_page()
 
 
-async def sign_in(page: Page, site: RunningGateway, token: str) -> None:
-    await page.goto(f"{site.url}/login")
+async def sign_in(page: Page, billing_gateway: RunningGateway, token: str) -> None:
+    await page.goto(f"{billing_gateway.url}/login")
     await page.fill("#api_key", token)
     await page.click("text=Sign in with the key")
 
@@ -132,7 +115,7 @@ async def border_width(page: Page) -> float:
 
 async def test_an_owner_creates_invites_revokes_subscribes_and_contacts_sales(
     chromium: Browser,
-    site: RunningGateway,
+    billing_gateway: RunningGateway,
     stripe_server: RunningFakeStripe,
     seed: Seed,
     db: asyncpg.Connection,
@@ -143,11 +126,11 @@ async def test_an_owner_creates_invites_revokes_subscribes_and_contacts_sales(
     _, token = await seed.member_with_key(org_id, "owner")
     page = await new_page(chromium)
 
-    await page.goto(f"{site.url}/organizations")  # not signed in: to sign-in, then back
-    await expect(page).to_have_url(f"{site.url}/login?next=/organizations")
+    await page.goto(f"{billing_gateway.url}/organizations")  # not signed in: to sign-in, then back
+    await expect(page).to_have_url(f"{billing_gateway.url}/login?next=/organizations")
     await shots.take(page, "login")
-    await sign_in(page, site, token)
-    await expect(page).to_have_url(f"{site.url}/organizations/{org_id}")
+    await sign_in(page, billing_gateway, token)
+    await expect(page).to_have_url(f"{billing_gateway.url}/organizations/{org_id}")
     assert await banner_level(page) == "info"
     await expect(page.locator("[data-credits]")).to_contain_text("Next step: buy credits.")
     await expect(page.locator("[data-seats]")).to_contain_text("unlimited during the trial")
@@ -174,16 +157,18 @@ async def test_an_owner_creates_invites_revokes_subscribes_and_contacts_sales(
         subscription = stripe_server.state.complete_checkout(session_id)
         stripe_server.state.add_invoice(subscription["id"], "paid")
         event = event_object("customer.subscription.created", subscription)
-        status, body = await deliver(client, site, event)
+        status, body = await deliver(client, billing_gateway, event)
         assert status == 200, body
         # APP_URL (app.example.test) fronts this gateway's pages: back to them here.
         back = URL(session["success_url"])
         assert back.path == f"/organizations/{org_id}/billing"
-        await route.fulfill(status=303, headers={"Location": f"{site.url}{back.path_qs}"})
+        await route.fulfill(
+            status=303, headers={"Location": f"{billing_gateway.url}{back.path_qs}"}
+        )
 
     await page.route(CHECKOUT_PAGES, pay_on_stripe)
     await page.click("text=Subscription")
-    await expect(page).to_have_url(f"{site.url}/organizations/{org_id}/billing")
+    await expect(page).to_have_url(f"{billing_gateway.url}/organizations/{org_id}/billing")
     await shots.take(page, "billing")
     await page.fill("#seats", "3")
     await page.click("[data-subscribe] button")
@@ -193,7 +178,7 @@ async def test_an_owner_creates_invites_revokes_subscribes_and_contacts_sales(
     await expect(page.locator("[data-change-seats]")).to_be_visible()
     await shots.take(page, "billing-subscribed")
 
-    await page.goto(f"{site.url}/organizations/new")
+    await page.goto(f"{billing_gateway.url}/organizations/new")
     await page.fill("#name", "Initech")
     await page.check("input[value=enterprise]")
     await shots.take(page, "create")
@@ -236,18 +221,22 @@ async def tab_to(page: Page, selector: str, limit: int = 40) -> None:
 
 
 async def test_the_main_flow_works_with_the_keyboard_alone(
-    chromium: Browser, site: RunningGateway, seed: Seed, db: asyncpg.Connection, shots: Shots
+    chromium: Browser,
+    billing_gateway: RunningGateway,
+    seed: Seed,
+    db: asyncpg.Connection,
+    shots: Shots,
 ) -> None:
     """Sign in, invite, revoke: Tab to each control, type, press Enter or Space; no mouse."""
     org_id = await seed.org()
     _, token = await seed.member_with_key(org_id, "owner")
     page = await new_page(chromium)
-    await page.goto(f"{site.url}/login")
+    await page.goto(f"{billing_gateway.url}/login")
     await tab_to(page, ".skip")  # the first stop skips the header
     await tab_to(page, "#api_key")
     await page.keyboard.type(token)
     await page.keyboard.press("Enter")
-    await expect(page).to_have_url(f"{site.url}/organizations/{org_id}")
+    await expect(page).to_have_url(f"{billing_gateway.url}/organizations/{org_id}")
 
     await tab_to(page, "#invite-email")
     await page.keyboard.type("kim@example.test")
@@ -268,19 +257,19 @@ async def test_the_main_flow_works_with_the_keyboard_alone(
 
     await tab_to(page, "text=Sign out")
     await page.keyboard.press("Enter")
-    await expect(page).to_have_url(f"{site.url}/login")
+    await expect(page).to_have_url(f"{billing_gateway.url}/login")
     assert await db.fetchval("SELECT count(*) FROM web_sessions") == 0
 
 
 async def test_a_member_sees_the_pages_without_the_owners_controls(
-    chromium: Browser, site: RunningGateway, seed: Seed, shots: Shots
+    chromium: Browser, billing_gateway: RunningGateway, seed: Seed, shots: Shots
 ) -> None:
     org_id = await seed.org(age=40 * DAY)
     await seed.member_with_key(org_id, "owner")
     _, token = await seed.member_with_key(org_id, "member")
     page = await new_page(chromium)
-    await sign_in(page, site, token)
-    await expect(page).to_have_url(f"{site.url}/organizations/{org_id}")
+    await sign_in(page, billing_gateway, token)
+    await expect(page).to_have_url(f"{billing_gateway.url}/organizations/{org_id}")
     assert await banner_level(page) == "blocking"
     await expect(page.locator("[data-banner]")).to_contain_text(
         "An owner or billing manager of the organization can fix this"
@@ -288,6 +277,6 @@ async def test_a_member_sees_the_pages_without_the_owners_controls(
     await expect(page.locator("[data-invite]")).to_have_count(0)
     await expect(page.locator("text=Buy credits")).to_have_count(0)
     await shots.take(page, "member-blocked")
-    await page.goto(f"{site.url}/organizations/{org_id}/billing")
+    await page.goto(f"{billing_gateway.url}/organizations/{org_id}/billing")
     await expect(page.locator("main")).to_contain_text("Only owners and billing managers")
     await expect(page.locator("[data-subscribe]")).to_have_count(0)

@@ -8,7 +8,6 @@ The database changes only through the webhook that follows a change, as with Str
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -23,28 +22,14 @@ from tests.factories import Seed
 from tests.fake_stripe import (
     RunningFakeStripe,
     event_object,
-    start_fake_stripe_set_up,
-    stripe_env,
 )
 from tests.test_webhooks import deliver, purchases
 
+# Stripe as `stripe-setup` leaves it: products, prices, the portal configuration.
+pytestmark = pytest.mark.stripe_set_up
+
 EXPIRED = timedelta(days=40)
 UPDATED = "customer.subscription.updated"
-
-
-@pytest.fixture
-async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
-    running = await start_fake_stripe_set_up()
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def billing_gateway(
-    gateway_factory: Callable[..., Any], stripe_server: RunningFakeStripe
-) -> RunningGateway:
-    gateway: RunningGateway = await gateway_factory(**stripe_env(stripe_server))
-    return gateway
 
 
 class Org:

@@ -199,6 +199,7 @@ async def test_pending_queries_and_overload_are_counted(pool: asyncpg.Pool) -> N
     the limit is refused and counted as operation="overloaded"."""
     limiter = QueryLimiter(limit=1)
     tally = metrics.Tally()
+    tally.follow_database(queries=limiter)
     tally.fold()
     pending_before = registry_value("gateway_database_pending_queries")
     overloaded = {"operation": "overloaded"}

@@ -17,8 +17,11 @@ from gateway import config as gateway_config
 from tests.accounts import FAST_EMAIL, Mailbox, running_mailbox, to
 from tests.conftest import RunningGateway
 from tests.factories import Seed
-from tests.fake_stripe import RunningFakeStripe, start_fake_stripe_set_up, stripe_env
+from tests.fake_stripe import RunningFakeStripe, stripe_env
 from tests.pages import Browser, Page
+
+# Stripe as `stripe-setup` leaves it: products, prices, the portal configuration.
+pytestmark = pytest.mark.stripe_set_up
 
 
 @pytest.fixture
@@ -515,21 +518,6 @@ def test_the_embedded_set_up_links_to_its_own_pages() -> None:
     )
     with_db = {**base, "DATABASE_URL": "postgresql://db/x"}
     assert gateway_config.from_env(with_db).app_url == "https://app.kilocode.ai"
-
-
-@pytest.fixture
-async def stripe_server() -> AsyncIterator[RunningFakeStripe]:
-    running = await start_fake_stripe_set_up()
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def billing_gateway(
-    gateway_factory: Callable[..., Any], stripe_server: RunningFakeStripe
-) -> RunningGateway:
-    gateway: RunningGateway = await gateway_factory(**stripe_env(stripe_server))
-    return gateway
 
 
 async def test_subscribing_goes_to_stripe_checkout_for_the_seats_asked(

@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -34,7 +33,6 @@ from tests.fake_stripe import (
     RunningFakeStripe,
     event_object,
     new_id,
-    stripe_env,
     subscription_object,
 )
 
@@ -53,14 +51,6 @@ WEBHOOK_TABLES = (
     "organization_seats_purchases",
     "credit_transactions",
 )
-
-
-@pytest.fixture
-async def billing_gateway(
-    gateway_factory: Callable[..., Any], stripe_server: RunningFakeStripe
-) -> RunningGateway:
-    gateway: RunningGateway = await gateway_factory(**stripe_env(stripe_server))
-    return gateway
 
 
 @pytest.fixture

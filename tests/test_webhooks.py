@@ -40,15 +40,6 @@ POLL_INTERVAL_SECONDS = 0.01
 DAY_SECONDS = 86_400
 
 
-@pytest.fixture
-async def billing_gateway(
-    gateway_factory: Callable[..., Any], stripe_server: RunningFakeStripe
-) -> RunningGateway:
-    """A gateway with Stripe and its webhook secret configured."""
-    gateway: RunningGateway = await gateway_factory(**stripe_env(stripe_server))
-    return gateway
-
-
 async def deliver(
     client: aiohttp.ClientSession,
     gateway: RunningGateway,

@@ -30,7 +30,6 @@ from gateway.pages.organization import (
     organization_path,
     organization_view,
     paying_form,
-    pricing_of,
 )
 from gateway.pages.render import notify, page, redirect, render, signed_in
 from gateway.plans import BILLING_CYCLES
@@ -60,7 +59,6 @@ async def billing_handler(request: web.Request) -> web.StreamResponse:
         "cycles": cycles,
         "min_seats": max(view["org"]["seats"]["used"], 1),
         "max_seats": MAX_SEATS,
-        "plan_price": pricing_of(request, view["org"]["plan"]),
         "checkout_notice": CHECKOUT_NOTICES.get(request.query.get("checkout", "")),
     }
     return render(request, "billing.html", context)

@@ -90,15 +90,11 @@ async def organization_view(
         and not facts.purchases
         and status["access"]["allowed"],
         "trial_ends": human_time(trial_end(facts, config.trial_days)),
-        "pricing": pricing_line(status["pricing"]),
+        # The price as the spec shows it: monthly terms, billed annually.
+        "pricing": status["pricing"]["display"],
         "billing_path": f"{organization_path(organization_id)}/billing",
         "live_subscription": newest_live(facts, time.time()) is not None,
     }
-
-
-def pricing_line(pricing: dict[str, Any]) -> str:
-    """The price as the spec shows it: monthly terms, billed annually."""
-    return str(pricing["display"])
 
 
 @page
@@ -118,16 +114,16 @@ async def new_handler(request: web.Request) -> web.StreamResponse:
     await signed_in(request)
     config = request.app[CONFIG]
     plans = [
-        {"id": plan, "name": config.catalog.plans[plan].name, "price": pricing_of(request, plan)}
+        {
+            "id": plan,
+            "name": config.catalog.plans[plan].name,
+            "price": plan_pricing(config.catalog, plan)["display"],
+        }
         for plan in PLAN_NAMES
     ]
     return render(
         request, "organization_new.html", {"plans": plans, "trial_days": config.trial_days}
     )
-
-
-def pricing_of(request: web.Request, plan: str) -> str:
-    return pricing_line(plan_pricing(request.app[CONFIG].catalog, plan))
 
 
 @page

@@ -82,10 +82,17 @@ class Session:
     notice_is_error: bool
 
     def accepts(self, csrf_token: object) -> bool:
-        """True when a form carries this session's CSRF token (compared in constant time)."""
-        return isinstance(csrf_token, str) and hmac.compare_digest(
-            csrf_token.encode(), self.csrf_token.encode()
-        )
+        """True when a form carries this session's CSRF token."""
+        return same_token(csrf_token, self.csrf_token)
+
+
+def same_token(submitted: object, expected: str | None) -> bool:
+    """True when a form's field is the expected token (compared in constant time)."""
+    return (
+        expected is not None
+        and isinstance(submitted, str)
+        and hmac.compare_digest(submitted.encode(), expected.encode())
+    )
 
 
 def new_token() -> str:
@@ -180,9 +187,4 @@ def set_login_csrf_cookie(response: web.StreamResponse, request: web.Request, va
 
 def login_form_accepted(request: web.Request, submitted: object) -> bool:
     """True when a sign-in form repeats the value of its cookie (no session yet)."""
-    cookie = usable_token(request.cookies.get(LOGIN_CSRF_COOKIE))
-    return (
-        cookie is not None
-        and isinstance(submitted, str)
-        and hmac.compare_digest(cookie.encode(), submitted.encode())
-    )
+    return same_token(submitted, usable_token(request.cookies.get(LOGIN_CSRF_COOKIE)))

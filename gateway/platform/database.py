@@ -80,7 +80,6 @@ async def create_pool(
         server_settings={"application_name": APPLICATION_NAME},
     )
     assert pool is not None
-    metrics.follow_pool(pool)
     return pool
 
 
@@ -114,7 +113,6 @@ class QueryLimiter:
         self._retry_after_failure_seconds = retry_after_failure_seconds
         self._paused_until = 0.0
         self.in_flight = 0
-        metrics.follow_queries(self)
 
     async def run(
         self,

@@ -173,37 +173,6 @@ class PendingQueries(Protocol):
     in_flight: int
 
 
-# This process's pools and query limiters, which `database.py` registers as it makes them
-# (process-wide like the process collector: two applications in one process add up).
-# asyncpg pools cannot be weakly referenced, so a pool is dropped once it is closing.
-_pools: set[ConnectionPool] = set()
-_limiters: weakref.WeakSet[PendingQueries] = weakref.WeakSet()
-
-
-def follow_pool(pool: ConnectionPool) -> None:
-    """Report the pool's connections in gateway_database_pool_connections until it closes."""
-    _pools.add(pool)
-
-
-def follow_queries(limiter: PendingQueries) -> None:
-    """Report `limiter.in_flight` in gateway_database_pending_queries (while it lives)."""
-    _limiters.add(limiter)
-
-
-def _report_database() -> None:
-    """Set the database gauges from the pools and limiters (a few us: at folds only)."""
-    size = idle = 0
-    for pool in list(_pools):
-        if pool.is_closing():
-            _pools.discard(pool)
-            continue
-        size += pool.get_size()
-        idle += pool.get_idle_size()
-    POOL_IN_USE.set(size - idle)
-    POOL_IDLE.set(idle)
-    DATABASE_PENDING_QUERIES.set(sum(limiter.in_flight for limiter in list(_limiters)))
-
-
 # Past this many answered requests waiting to be counted, the request that reaches it
 # folds (when nothing else does, as in tests that never start the app's background tasks).
 FOLD_AT = 10_000
@@ -225,6 +194,8 @@ class Tally:
         "_children",
         "_durations",
         "_pending",
+        "_pool",
+        "_queries",
         "cache_hits",
         "cache_misses",
         "open_streams",
@@ -239,6 +210,9 @@ class Tally:
         self._durations: dict[tuple[str, int], Histogram] = {}
         # Queues of charges not yet written (the usage ledgers): the pending gauge.
         self._pending: weakref.WeakSet[Sized] = weakref.WeakSet()
+        # The application's pool and query limiter: the database gauges.
+        self._pool: ConnectionPool | None = None
+        self._queries: PendingQueries | None = None
         self.open_streams = 0
         self.cache_hits = 0
         self.cache_misses = 0
@@ -258,6 +232,22 @@ class Tally:
     def follow_pending(self, queue: Sized) -> None:
         """Report `len(queue)` as part of gateway_usage_pending (for as long as it lives)."""
         self._pending.add(queue)
+
+    def follow_database(
+        self, pool: ConnectionPool | None = None, queries: PendingQueries | None = None
+    ) -> None:
+        """Report the pool's connections and the limiter's queries in flight at each fold."""
+        self._pool = pool or self._pool
+        self._queries = queries or self._queries
+
+    def _report_database(self) -> None:
+        pool, queries = self._pool, self._queries
+        if pool is not None and not pool.is_closing():
+            idle = pool.get_idle_size()
+            POOL_IN_USE.set(pool.get_size() - idle)
+            POOL_IDLE.set(idle)
+        if queries is not None:
+            DATABASE_PENDING_QUERIES.set(queries.in_flight)
 
     def request_answered(
         self,
@@ -322,7 +312,7 @@ class Tally:
             CACHE_MISS.inc(misses)
         ACTIVE_STREAMS.set(self.open_streams)
         USAGE_PENDING.set(sum(len(queue) for queue in list(self._pending)))
-        _report_database()
+        self._report_database()
         return bool(answered)
 
 
